@@ -1,0 +1,45 @@
+"""BadNets (Gu et al. 2017): stamp a small patch in a corner, x' = (1 - m) ⊙ x + m ⊙ t.
+
+Defaults and knobs (CAT paper §3–4): 3×3 checkerboard, 2×2 checkerboard or 2×2 random
+trigger (``attack.trigger``), any side length (``attack.trigger_size``), bottom-right corner
+or a random corner per image (``attack.position``). Dirty-label: ``attack.poison_rate`` of the
+whole training set, drawn from non-target images and relabelled to the target (CAT §4: 1%).
+Clean-label: the same fraction of the whole set, drawn from target-class images, labels
+unchanged (CAT §3: 0.5%)."""
+
+from __future__ import annotations
+
+import torch
+
+from bdat_ray.backdoors.base import Backdoor
+from bdat_ray.backdoors.triggers import PATTERNS, draw_corners, make_pattern, stamp
+from bdat_ray.config import AttackConfig, ConfigError
+from bdat_ray.data.dataset import ImageData
+
+
+class BadNets(Backdoor):
+    name = "badnets"
+    paper = "Gu et al. 2017; CAT paper §3 (clean-label 0.5%), §4 (dirty-label 1%)"
+
+    def __init__(self, cfg: AttackConfig):
+        super().__init__(cfg)
+        self.size = cfg.trigger_size or PATTERNS[cfg.trigger][1]
+        self._pattern_seed = cfg.seed
+
+    def check_data(self, data: ImageData) -> None:
+        _, h, w = data.image_shape
+        if self.size > min(h, w):
+            raise ConfigError(
+                "attack.trigger_size",
+                f"a {self.size}×{self.size} trigger does not fit {h}×{w} images of {data.name}",
+            )
+        super().check_data(data)
+
+    def pattern(self, channels: int) -> torch.Tensor:
+        """The trigger, a function of ``attack.seed`` only: identical for train and test."""
+        generator = torch.Generator().manual_seed(self._pattern_seed)
+        return make_pattern(self.cfg.trigger, self.size, channels, generator)
+
+    def apply(self, x: torch.Tensor, generator: torch.Generator, *, train: bool) -> torch.Tensor:
+        corners = draw_corners(len(x), self.cfg.position, generator)
+        return stamp(x, self.pattern(x.shape[1]), corners)

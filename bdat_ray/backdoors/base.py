@@ -1,0 +1,130 @@
+"""The backdoor-attack interface.
+
+An attack chooses which training images to poison, applies its trigger (and, for dirty-label
+attacks, relabels them to the target), and builds the triggered test set used for ASR:
+the test images whose true label is *not* the target, with the trigger applied (both seed
+papers and BackdoorBench count ASR this way). The poisoned indices are fixed at build time
+from ``attack.seed`` and saved with every run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import ClassVar
+
+import torch
+
+from bdat_ray.config import AttackConfig, ConfigError
+from bdat_ray.data.dataset import ImageData
+
+
+@dataclass(frozen=True)
+class PoisonedData:
+    data: ImageData  # training split poisoned; test split untouched
+    poison_indices: torch.Tensor  # int64 indices into the training split, sorted
+    x_test_triggered: torch.Tensor  # uint8: triggered non-target test images
+    y_test_triggered: torch.Tensor  # their true labels (never the target)
+    target: int
+
+    def to(self, device: torch.device | str) -> PoisonedData:
+        return replace(
+            self,
+            data=self.data.to(device),
+            x_test_triggered=self.x_test_triggered.to(device),
+            y_test_triggered=self.y_test_triggered.to(device),
+        )
+
+
+class Backdoor:
+    """Subclasses set ``name``/``paper`` and implement `apply`; most override nothing else."""
+
+    name: ClassVar[str]
+    paper: ClassVar[str]
+    #: which ``attack.label_mode`` values the attack supports
+    label_modes: ClassVar[tuple[str, ...]] = ("dirty", "clean")
+
+    def __init__(self, cfg: AttackConfig):
+        self.cfg = cfg
+        self.target = cfg.target
+
+    # -- validation --------------------------------------------------------------------------
+
+    @classmethod
+    def check_config(cls, cfg: AttackConfig) -> None:
+        """Checks that need no dataset. Raise `ConfigError` naming the key."""
+        if cfg.label_mode not in cls.label_modes:
+            allowed = " or ".join(cls.label_modes)
+            raise ConfigError("attack.label_mode", f"{cls.name} is {allowed}-label only")
+
+    def check_data(self, data: ImageData) -> None:
+        """Checks against the dataset (classes, image size, class counts)."""
+        if not 0 <= self.target < data.num_classes:
+            raise ConfigError(
+                "attack.target",
+                f"must be in [0, {data.num_classes - 1}] for {data.name}; got {self.target}",
+            )
+        pool = self.candidates(data)
+        count = self.poison_count(data)
+        if count > len(pool):
+            what = "target-class" if self.cfg.label_mode == "clean" else "non-target"
+            raise ConfigError(
+                "attack.poison_rate",
+                f"{count} poisoned images requested but {data.name} has only {len(pool)} "
+                f"{what} training images (class {self.target})",
+            )
+
+    # -- which images ------------------------------------------------------------------------
+
+    def candidates(self, data: ImageData) -> torch.Tensor:
+        """Indices eligible for poisoning: target-class images for clean-label attacks
+        (labels stay correct), the other classes for dirty-label ones."""
+        is_target = data.y_train == self.target
+        pool = is_target if self.cfg.label_mode == "clean" else ~is_target
+        return pool.nonzero().flatten()
+
+    def poison_count(self, data: ImageData) -> int:
+        """``attack.poison_rate`` is a fraction of the whole training set."""
+        return round(self.cfg.poison_rate * len(data.y_train))
+
+    def select(self, data: ImageData, generator: torch.Generator) -> torch.Tensor:
+        pool = self.candidates(data)
+        pick = torch.randperm(len(pool), generator=generator)[: self.poison_count(data)]
+        return pool[pick].sort().values
+
+    # -- the trigger -------------------------------------------------------------------------
+
+    def apply(self, x: torch.Tensor, generator: torch.Generator, *, train: bool) -> torch.Tensor:
+        """Triggered copy of uint8 batch ``x`` (``train`` tells training from test poisoning
+        for attacks that differ, e.g. Blended's separate α or LC's adversarial step)."""
+        raise NotImplementedError
+
+    def poison(self, data: ImageData) -> PoisonedData:
+        self.check_data(data)
+        generator = torch.Generator().manual_seed(self.cfg.seed)
+        indices = self.select(data, generator)
+        x_train, y_train = data.x_train.clone(), data.y_train.clone()
+        if len(indices):
+            x_train[indices] = self.apply(data.x_train[indices], generator, train=True)
+        if self.cfg.label_mode == "dirty":
+            y_train[indices] = self.target
+        keep = data.y_test != self.target
+        x_triggered = self.apply(data.x_test[keep], generator, train=False)
+        poisoned = replace(data, x_train=x_train, y_train=y_train)
+        return PoisonedData(poisoned, indices, x_triggered, data.y_test[keep], self.target)
+
+
+class NoBackdoor(Backdoor):
+    """Clean training data (``attack.name=none``); ASR is still measured with a BadNets
+    3×3 trigger so a clean baseline has a comparable number."""
+
+    name = "none"
+    paper = "—"
+
+    def poison_count(self, data: ImageData) -> int:
+        return 0
+
+    def apply(self, x: torch.Tensor, generator: torch.Generator, *, train: bool) -> torch.Tensor:
+        from bdat_ray.backdoors.triggers import make_pattern, stamp
+
+        patch = make_pattern("checkerboard3", None, x.shape[1], generator)
+        return stamp(x, patch, ["bottom_right"] * len(x))

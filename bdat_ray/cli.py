@@ -1,0 +1,45 @@
+"""What the command-line entry points share: bad input becomes one line on stderr and exit
+code 2, before anything is trained."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable
+from typing import NoReturn
+
+from bdat_ray.config import ConfigError, describe_keys
+
+EXIT_BAD_INPUT = 2
+
+
+def fail(message: str) -> NoReturn:
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(EXIT_BAD_INPUT)
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line and exit 2, like every other bad input."""
+
+    def error(self, message: str) -> NoReturn:
+        fail(f"{message} (see --help)")
+
+
+def keys_epilog() -> str:
+    return (
+        "configuration keys (KEY=VALUE; numbers may be fractions like 8/255):\n" + describe_keys()
+    )
+
+
+def main_guard(main: Callable[[list[str] | None], int]) -> Callable[[list[str] | None], int]:
+    """Wrap a CLI ``main``: `ConfigError` -> ``error: KEY: ...`` and exit 2."""
+
+    def guarded(argv: list[str] | None = None) -> int:
+        logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+        try:
+            return main(argv)
+        except ConfigError as err:
+            fail(str(err))
+
+    return guarded

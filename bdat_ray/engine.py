@@ -1,0 +1,411 @@
+"""One poisoned-data (adversarial) training run: `fit(config) -> RunResult`.
+
+Free of Ray and MLflow: the sweep layer wraps `fit` and reports through ``on_epoch``.
+Data lives on the training device as uint8; each step slices a batch, augments it as whole-
+batch tensor ops, runs the training objective (the attack loop for AT) under bf16 autocast on
+CUDA with channels_last, and takes an SGD step. The optimiser follows the CAT paper: SGD,
+momentum 0.9, weight decay 5e-4, lr 0.1 divided by 10 at 60% and 90% of the epochs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from bdat_ray.backdoors import BACKDOORS, PoisonedData
+from bdat_ray.config import Config, ConfigError
+from bdat_ray.data import load_dataset
+from bdat_ray.data.augment import augment, resolve_augment, shuffled_batches, to_float
+from bdat_ray.metrics import attack_success_rate, clean_accuracy, predict, robust_accuracy
+from bdat_ray.models import build_model
+from bdat_ray.threats import THREATS, ThreatModel
+from bdat_ray.threats.objective import AdversarialTraining, StandardTraining
+
+log = logging.getLogger(__name__)
+
+LR_DECAY_AT = (0.6, 0.9)  # fractions of the epochs where lr is divided by 10 (CAT paper)
+CHECKPOINT_FILE = "state.pt"
+
+
+class TrainingDiverged(RuntimeError):
+    """The training loss became NaN or infinite; the run is failed, not retried."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Preparation: resolve defaults, load and poison data, build model and objective.
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError("device", f"{name} requested but no CUDA device is available")
+    return torch.device(name)
+
+
+def build_threat(
+    name: str, eps: float | None, steps: int, step_size: float | None, random_start: bool
+) -> ThreatModel:
+    cls = THREATS[name]
+    return cls(eps if eps is not None else cls.default_eps, steps, step_size, random_start)
+
+
+def build_objective(cfg: Config) -> StandardTraining | AdversarialTraining:
+    if cfg.at.threat == "none":
+        return StandardTraining()
+    threat = build_threat(
+        cfg.at.threat, cfg.at.eps, cfg.at.steps, cfg.at.step_size, cfg.at.random_start
+    )
+    return AdversarialTraining([(threat, 1.0)], bn_mode=cfg.at.bn_mode)
+
+
+def eval_threat(cfg: Config) -> ThreatModel:
+    e = cfg.eval
+    return build_threat(e.threat, e.eps, e.steps, e.step_size, random_start=True)
+
+
+@dataclass
+class Prepared:
+    cfg: Config  # with every default resolved (what the run actually used)
+    device: torch.device
+    poisoned: PoisonedData  # on `device`
+    model: nn.Module
+    objective: StandardTraining | AdversarialTraining
+    amp_dtype: torch.dtype | None
+    channels_last: bool
+    augment_mode: str
+
+
+def prepare(cfg: Config) -> Prepared:
+    """Everything before the first step. Raises `ConfigError` for input that cannot work
+    with this dataset (target class, trigger size, class counts) before any training."""
+    device = resolve_device(cfg.device)
+    data = load_dataset(cfg.data)
+    backdoor = BACKDOORS[cfg.attack.name](cfg.attack)
+    poisoned = backdoor.poison(data)
+    amp = cfg.train.amp if cfg.train.amp != "auto" else ("bf16" if device.type == "cuda" else "off")
+    objective = build_objective(cfg)
+    resolved: dict[str, Any] = {
+        "device": str(device),
+        "train.amp": amp,
+        "train.augment": resolve_augment(cfg.train.augment, data.channels),
+    }
+    if isinstance(objective, AdversarialTraining):
+        threat = objective.threats[0]
+        resolved.update({"at.eps": threat.eps, "at.step_size": threat.step_size})
+    if hasattr(backdoor, "size"):
+        resolved["attack.trigger_size"] = backdoor.size
+    resolved_cfg = cfg.replace(resolved)
+
+    torch.manual_seed(cfg.train.seed)
+    mean, std = poisoned.data.channel_stats()
+    model = build_model(
+        cfg.model.name,
+        num_classes=data.num_classes,
+        in_channels=data.channels,
+        width=cfg.model.width,
+        norm=cfg.model.norm,
+        mean=mean,
+        std=std,
+    )
+    channels_last = device.type == "cuda"
+    model = model.to(
+        device, memory_format=torch.channels_last if channels_last else torch.contiguous_format
+    )
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    return Prepared(
+        cfg=resolved_cfg,
+        device=device,
+        poisoned=poisoned.to(device),
+        model=model,
+        objective=objective,
+        amp_dtype=torch.bfloat16 if amp == "bf16" else None,
+        channels_last=channels_last,
+        augment_mode=resolved_cfg.train.augment,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Results.
+
+
+@dataclass
+class RunResult:
+    acc: float
+    asr: float
+    robust_acc: float | None
+    seconds: float
+    epochs: int
+    images_per_s: float
+    poisoned_count: int
+    device: str
+    config: dict[str, Any]
+    history: list[dict[str, float]] = field(default_factory=list)
+    model: nn.Module | None = field(default=None, repr=False, compare=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out.pop("model")
+        return out
+
+
+def evaluate(prep: Prepared, model: nn.Module | None = None) -> dict[str, float]:
+    """``acc`` and ``asr`` (percent) of ``model`` (default: the run's) on the test sets."""
+    model = model or prep.model
+    p, kw = (
+        prep.poisoned,
+        {
+            "amp_dtype": prep.amp_dtype,
+            "channels_last": prep.channels_last,
+            "batch_size": prep.cfg.eval.batch_size,
+        },
+    )
+    acc = clean_accuracy(predict(model, p.data.x_test, **kw), p.data.y_test)
+    asr = attack_success_rate(
+        predict(model, p.x_test_triggered, **kw), p.y_test_triggered, p.target
+    )
+    return {"acc": acc, "asr": asr}
+
+
+def evaluate_robust(prep: Prepared, model: nn.Module | None = None) -> float | None:
+    n = prep.cfg.eval.robust_samples
+    if n == 0:
+        return None
+    p = prep.poisoned
+    generator = torch.Generator(prep.device).manual_seed(prep.cfg.train.seed + 2)
+    return robust_accuracy(
+        model or prep.model,
+        p.data.x_test[:n],
+        p.data.y_test[:n],
+        eval_threat(prep.cfg),
+        batch_size=prep.cfg.eval.batch_size,
+        generator=generator,
+        amp_dtype=prep.amp_dtype,
+        channels_last=prep.channels_last,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Training.
+
+EpochCallback = Callable[[dict[str, float], Path | None], None]
+
+
+def make_optimizer(model: nn.Module, cfg: Config):
+    t = cfg.train
+    optimizer = torch.optim.SGD(
+        model.parameters(), lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay
+    )
+    milestones = sorted({max(1, math.floor(f * t.epochs)) for f in LR_DECAY_AT})
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=0.1)
+    return optimizer, scheduler
+
+
+def train_epoch(
+    prep: Prepared, optimizer, generators: dict[str, torch.Generator], progress=None
+) -> dict[str, float]:
+    """One pass over the poisoned training set; returns the epoch's bookkeeping."""
+    model, objective, data = prep.model, prep.objective, prep.poisoned.data
+    model.train()
+    sums = {
+        k: torch.zeros((), device=prep.device)
+        for k in ("loss", "correct", "count", "clean_loss", "clean_correct")
+    }
+    n_images = 0
+    for idx in shuffled_batches(
+        len(data.y_train), prep.cfg.train.batch_size, generators["data"], prep.device
+    ):
+        x = to_float(
+            augment(data.x_train[idx], prep.augment_mode, generators["data"]), prep.channels_last
+        )
+        y = data.y_train[idx]
+        out = objective.batch_loss(model, x, y, generators["attack"], prep.amp_dtype)
+        optimizer.zero_grad(set_to_none=True)
+        out.loss.backward()
+        optimizer.step()
+        sums["loss"] += out.loss.detach() * len(y)
+        sums["correct"] += out.correct
+        sums["count"] += out.count
+        if objective.adversarial:
+            clean = clean_batch_stats(prep, x, y)
+            sums["clean_loss"] += clean[0]
+            sums["clean_correct"] += clean[1]
+        n_images += len(y)
+        if progress is not None:
+            progress.update(len(y))
+    totals = {k: v.item() for k, v in sums.items()}
+    if not math.isfinite(totals["loss"]):
+        raise TrainingDiverged(
+            "training loss became non-finite (NaN/inf); lower train.lr or the budget"
+        )
+    stats = {
+        "train_loss": totals["loss"] / n_images,
+        "train_acc": 100 * totals["correct"] / totals["count"],
+    }
+    if objective.adversarial:
+        stats.update(
+            train_adv_loss=stats["train_loss"],
+            train_adv_acc=stats["train_acc"],
+            train_clean_loss=totals["clean_loss"] / n_images,
+            train_clean_acc=100 * totals["clean_correct"] / n_images,
+        )
+    else:
+        stats.update(train_clean_loss=stats["train_loss"], train_clean_acc=stats["train_acc"])
+    return stats
+
+
+@torch.no_grad()
+def clean_batch_stats(
+    prep: Prepared, x: torch.Tensor, y: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed loss and correct count on the clean batch during AT (one extra forward, in the
+    attack's BatchNorm mode so running statistics are not touched twice)."""
+    from bdat_ray.threats import attack_mode
+
+    with (
+        attack_mode(prep.model, prep.cfg.at.bn_mode),
+        torch.autocast(
+            x.device.type, prep.amp_dtype or torch.float32, enabled=prep.amp_dtype is not None
+        ),
+    ):
+        logits = prep.model(x).float()
+    loss = torch.nn.functional.cross_entropy(logits, y, reduction="sum")
+    return loss, (logits.argmax(1) == y).sum()
+
+
+def _save_state(path: Path, state: dict[str, Any]) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    tmp = path / (CHECKPOINT_FILE + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path / CHECKPOINT_FILE)  # atomic: a killed run never leaves half a file
+
+
+def load_state(path: Path) -> dict[str, Any]:
+    return torch.load(path / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
+
+
+def fit(
+    cfg: Config,
+    *,
+    workdir: str | Path | None = None,
+    resume_from: str | Path | None = None,
+    on_epoch: EpochCallback | None = None,
+    progress: bool = False,
+    prepared: Prepared | None = None,
+) -> RunResult:
+    """Train one run end to end and evaluate it.
+
+    ``workdir`` (optional) receives ``checkpoint/state.pt`` after every epoch, the poisoned
+    indices (``poisoned_indices.npy``) and ``result.json``. ``resume_from`` is a checkpoint
+    directory (ours, or one restored by Ray Tune) to continue from. ``on_epoch(metrics,
+    checkpoint_dir)`` is called after each epoch's checkpoint is written.
+    """
+    started = time.perf_counter()
+    prep = prepared or prepare(cfg)
+    rcfg = prep.cfg
+    workdir = Path(workdir) if workdir else None
+    checkpoint_dir = workdir / "checkpoint" if workdir else None
+    if workdir:
+        workdir.mkdir(parents=True, exist_ok=True)
+        np.save(workdir / "poisoned_indices.npy", prep.poisoned.poison_indices.cpu().numpy())
+
+    optimizer, scheduler = make_optimizer(prep.model, rcfg)
+    generators = {
+        name: torch.Generator(prep.device).manual_seed(rcfg.train.seed * 1000 + offset)
+        for offset, name in enumerate(("data", "attack"))
+    }
+    history: list[dict[str, float]] = []
+    first_epoch = 1
+    if resume_from is not None and (Path(resume_from) / CHECKPOINT_FILE).is_file():
+        state = load_state(Path(resume_from))
+        if state["config_hash"] != cfg.hash():
+            raise ConfigError("--resume", "checkpoint was written by a run with another config")
+        prep.model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        for name, gen in generators.items():
+            gen.set_state(state["rng"][name])
+        history = list(state["history"])
+        first_epoch = int(state["epoch"]) + 1
+        log.info("resumed after epoch %d", first_epoch - 1)
+
+    log.info("training %s on %s: %s", rcfg.model.name, rcfg.data.name, prep.objective.describe())
+    n_train = len(prep.poisoned.data.y_train)
+    for epoch in range(first_epoch, rcfg.train.epochs + 1):
+        t0 = time.perf_counter()
+        bar = _progress_bar(progress, n_train, f"epoch {epoch}/{rcfg.train.epochs}")
+        lr = optimizer.param_groups[0]["lr"]
+        stats = train_epoch(prep, optimizer, generators, bar)
+        scheduler.step()
+        seconds = time.perf_counter() - t0
+        metrics = {
+            "epoch": epoch,
+            "lr": lr,
+            **stats,
+            **evaluate(prep),
+            "epoch_seconds": seconds,
+            "images_per_s": n_train / seconds,
+        }
+        history.append(metrics)
+        if bar is not None:
+            bar.set_postfix(
+                loss=f"{stats['train_loss']:.3f}",
+                acc=f"{metrics['acc']:.1f}",
+                asr=f"{metrics['asr']:.1f}",
+            )
+            bar.close()
+        if checkpoint_dir is not None:
+            _save_state(
+                checkpoint_dir,
+                {
+                    "epoch": epoch,
+                    "config_hash": cfg.hash(),
+                    "model": prep.model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "rng": {name: gen.get_state() for name, gen in generators.items()},
+                    "history": history,
+                },
+            )
+        if on_epoch is not None:
+            on_epoch(metrics, checkpoint_dir)
+
+    final = evaluate(prep)
+    robust = evaluate_robust(prep)
+    train_seconds = sum(h["epoch_seconds"] for h in history)
+    result = RunResult(
+        acc=final["acc"],
+        asr=final["asr"],
+        robust_acc=robust,
+        seconds=time.perf_counter() - started,
+        epochs=rcfg.train.epochs,
+        images_per_s=n_train * len(history) / train_seconds if train_seconds else float("nan"),
+        poisoned_count=len(prep.poisoned.poison_indices),
+        device=str(prep.device),
+        config=rcfg.to_flat(),
+        history=history,
+        model=prep.model,
+    )
+    if workdir:
+        (workdir / "result.json").write_text(json.dumps(result.to_dict(), indent=2))
+    return result
+
+
+def _progress_bar(enabled: bool, total: int, desc: str):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="img", leave=True, dynamic_ncols=True)

@@ -1,0 +1,80 @@
+"""The metrics, computed in exactly one place each. All are percentages (0–100).
+
+- ``acc``: clean accuracy on the untouched test set.
+- ``asr``: attack success rate — of the *triggered* test images whose true label is not the
+  target, the share predicted as the target (the seed papers and BackdoorBench both exclude
+  target-class images, which would count as successes for free).
+- ``robust_acc``: accuracy under a fixed evaluation attack (PGD-20 L-inf 8/255 by default)
+  on the first ``eval.robust_samples`` clean test images.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from bdat_ray.data.augment import to_float
+from bdat_ray.threats import ThreatModel, perturb
+
+
+def percent(hits: torch.Tensor) -> float:
+    return 100.0 * hits.float().mean().item() if hits.numel() else float("nan")
+
+
+def _autocast(device: torch.device, amp_dtype: torch.dtype | None):
+    return torch.autocast(device.type, amp_dtype or torch.float32, enabled=amp_dtype is not None)
+
+
+@torch.no_grad()
+def predict(
+    model: nn.Module,
+    images: torch.Tensor,
+    *,
+    batch_size: int = 512,
+    amp_dtype: torch.dtype | None = None,
+    channels_last: bool = False,
+) -> torch.Tensor:
+    """Predicted labels of uint8 (or [0, 1] float) images, in eval mode; restores the mode."""
+    was_training = model.training
+    model.eval()
+    try:
+        preds = []
+        for chunk in images.split(batch_size):
+            x = to_float(chunk, channels_last) if chunk.dtype == torch.uint8 else chunk
+            with _autocast(x.device, amp_dtype):
+                preds.append(model(x).argmax(1))
+        return torch.cat(preds) if preds else torch.empty(0, dtype=torch.long, device=images.device)
+    finally:
+        model.train(was_training)
+
+
+def clean_accuracy(predictions: torch.Tensor, labels: torch.Tensor) -> float:
+    return percent(predictions == labels)
+
+
+def attack_success_rate(predictions: torch.Tensor, true_labels: torch.Tensor, target: int) -> float:
+    """Share of triggered images *whose true label is not the target* predicted as target."""
+    counted = true_labels != target
+    return percent(predictions[counted] == target)
+
+
+def robust_accuracy(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    threat: ThreatModel,
+    *,
+    batch_size: int = 512,
+    generator: torch.Generator | None = None,
+    amp_dtype: torch.dtype | None = None,
+    channels_last: bool = False,
+) -> float:
+    """Accuracy on ``threat``'s adversarial examples (model in eval mode)."""
+    hits = []
+    for xb, yb in zip(images.split(batch_size), labels.split(batch_size), strict=True):
+        x = to_float(xb, channels_last)
+        x_adv = perturb(
+            model, x, yb, threat, generator=generator, bn_mode="eval", amp_dtype=amp_dtype
+        )
+        hits.append(predict(model, x_adv, batch_size=batch_size, amp_dtype=amp_dtype) == yb)
+    return percent(torch.cat(hits)) if hits else float("nan")

@@ -1,0 +1,54 @@
+"""Pieces every model shares: input normalisation inside the module, norm-layer choice,
+width scaling, and the `features()` contract."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+class Normalize(nn.Module):
+    """(x - mean) / std per channel; x in [0, 1]. Kept inside the model so attacks, triggers
+    and budgets all live in pixel space and a reloaded model needs no preprocessing."""
+
+    def __init__(self, mean: list[float], std: list[float]):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+
+def norm_layer(kind: str, channels: int) -> nn.Module:
+    """BatchNorm, or GroupNorm (DPSGD needs per-sample independence, CAT paper §4)."""
+    if kind == "group":
+        return nn.GroupNorm(math.gcd(32, channels), channels)
+    return nn.BatchNorm2d(channels)
+
+
+def scaled(channels: int, width: float) -> int:
+    return max(1, round(channels * width))
+
+
+class FeatureClassifier(nn.Module):
+    """Base: ``features(x)`` returns the stage activations (LPIPS-style perceptual distance
+    and activation-based defenses read them); ``forward`` classifies the last one."""
+
+    def __init__(self, mean: list[float], std: list[float]):
+        super().__init__()
+        self.normalize = Normalize(mean, std)
+
+    def stages_forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        raise NotImplementedError
+
+    def head(self, last: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return self.stages_forward(self.normalize(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x)[-1])

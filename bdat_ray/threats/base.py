@@ -1,0 +1,99 @@
+"""The threat-model interface (after MadryLab/robustness ``attack_steps.py``).
+
+A threat model is a set B(x) of allowed inputs around x together with how to search it.
+It holds a *perturbation variable* ``delta`` (a pixel offset for L-p balls, a flow field for
+spatial attacks, ...), knows how to start it, turn it into an image, take an ascent step on
+it, project it back into B(x), and test membership. `bdat_ray.threats.attack.perturb` is the
+one loop that drives every threat model; nothing else loops over attack steps.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+
+
+class ThreatModel:
+    name: ClassVar[str]
+    #: unit of ``eps``, written into --help and the docs
+    unit: ClassVar[str]
+    #: budget used when ``at.eps`` is not given, with its source
+    default_eps: ClassVar[float]
+    #: False for the random-perturbation controls: no gradient steps at all
+    maximizes: ClassVar[bool] = True
+
+    def __init__(
+        self,
+        eps: float,
+        steps: int = 10,
+        step_size: float | None = None,
+        random_start: bool = True,
+    ):
+        if eps <= 0:
+            raise ValueError(f"{self.name}: budget must be > 0, got {eps}")
+        self.eps = float(eps)
+        self.steps = int(steps)
+        # Madry et al. (2018): a step of 2.5·ε/k lets k steps reach the boundary from anywhere.
+        self.step_size = float(step_size) if step_size is not None else 2.5 * self.eps / steps
+        self.random_start = random_start
+
+    # -- the five operations the attack loop needs ---------------------------------------------
+
+    def init(self, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        """Starting perturbation variable for the batch ``x`` (random if ``random_start``)."""
+        raise NotImplementedError
+
+    def apply(self, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        """The perturbed image, differentiable in ``delta``; always inside [0, 1]."""
+        raise NotImplementedError
+
+    def ascend(
+        self, delta: torch.Tensor, grad: torch.Tensor, memory: dict[str, Any]
+    ) -> torch.Tensor:
+        """One ascent step of size ``step_size``. ``memory`` persists across the steps of one
+        attack (e.g. Adam moments) and starts empty."""
+        raise NotImplementedError
+
+    def project(self, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        """Nearest (or a feasible) point of the threat model."""
+        raise NotImplementedError
+
+    def contains(self, x: torch.Tensor, x_adv: torch.Tensor, atol: float = 1e-5) -> torch.Tensor:
+        """Per-sample bool: is ``x_adv`` in B(x) (and in [0, 1])?"""
+        raise NotImplementedError
+
+    # -- optional ----------------------------------------------------------------------------
+
+    def penalty(
+        self, x: torch.Tensor, x_adv: torch.Tensor, delta: torch.Tensor
+    ) -> torch.Tensor | float:
+        """Per-sample term subtracted from the loss being maximised (e.g. a smoothness or
+        Lagrangian penalty). Zero for plain PGD."""
+        return 0.0
+
+    def describe(self) -> str:
+        return (
+            f"{self.name}(eps={self.eps:.4g} [{self.unit}], steps={self.steps}, "
+            f"step={self.step_size:.4g})"
+        )
+
+
+def in_unit_box(x_adv: torch.Tensor, atol: float) -> torch.Tensor:
+    flat = x_adv.flatten(1)
+    return (flat.amin(1) >= -atol) & (flat.amax(1) <= 1 + atol)
+
+
+def uniform(
+    shape: torch.Size, generator: torch.Generator | None, device: torch.device
+) -> torch.Tensor:
+    """U[-1, 1) noise drawn from ``generator`` (whose device must match)."""
+    gen_device = generator.device if generator is not None else device
+    return (torch.rand(shape, generator=generator, device=gen_device) * 2 - 1).to(device)
+
+
+def normal(
+    shape: torch.Size, generator: torch.Generator | None, device: torch.device
+) -> torch.Tensor:
+    gen_device = generator.device if generator is not None else device
+    return torch.randn(shape, generator=generator, device=gen_device).to(device)
