@@ -29,6 +29,7 @@ from bdat_ray.data import load_dataset
 from bdat_ray.data.augment import augment, resolve_augment, shuffled_batches, to_float
 from bdat_ray.metrics import attack_success_rate, clean_accuracy, predict, robust_accuracy
 from bdat_ray.models import build_model
+from bdat_ray.models.common import batch_statistics_frozen
 from bdat_ray.threats import THREATS, ThreatModel
 from bdat_ray.threats.objective import AdversarialTraining, StandardTraining
 
@@ -270,12 +271,10 @@ def train_epoch(
 def clean_batch_stats(
     prep: Prepared, x: torch.Tensor, y: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed loss and correct count on the clean batch during AT (one extra forward, in the
-    attack's BatchNorm mode so running statistics are not touched twice)."""
-    from bdat_ray.threats import attack_mode
-
+    """Summed loss and correct count on the clean batch during AT: one extra forward with the
+    same batch statistics training uses, leaving BatchNorm's running statistics alone."""
     with (
-        attack_mode(prep.model, prep.cfg.at.bn_mode),
+        batch_statistics_frozen(prep.model),
         torch.autocast(
             x.device.type, prep.amp_dtype or torch.float32, enabled=prep.amp_dtype is not None
         ),

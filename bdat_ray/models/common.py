@@ -4,6 +4,8 @@ width scaling, and the `features()` contract."""
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -52,3 +54,23 @@ class FeatureClassifier(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x)[-1])
+
+
+@contextmanager
+def batch_statistics_frozen(model: nn.Module) -> Iterator[None]:
+    """Train-mode forward passes (BatchNorm normalises with the batch's own statistics) that
+    leave the running statistics untouched: momentum 0 and the batch counter restored.
+    Used to measure the clean training loss during AT without a second update."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [(m.momentum, m.num_batches_tracked.clone()) for m in norms]
+    was_training = model.training
+    model.train()
+    for m in norms:
+        m.momentum = 0.0
+    try:
+        yield
+    finally:
+        for m, (momentum, count) in zip(norms, saved, strict=True):
+            m.momentum = momentum
+            m.num_batches_tracked.copy_(count)
+        model.train(was_training)

@@ -1,0 +1,207 @@
+"""``python -m bdat_ray.bench``: images/s of a training step, our pipeline vs the naive one.
+
+    python -m bdat_ray.bench                                       # digits + small CNN
+    python -m bdat_ray.bench data.name=npz data.path=cifar10-subset.npz model.name=preact_resnet18
+
+Measures, on the configured device and data, a clean training step and a PGD-k adversarial
+training step, each done two ways:
+
+- **ours**: the engine's own step — uint8 data resident on the device, batched crop/flip,
+  bf16 autocast and channels_last on CUDA, weights frozen during attack steps;
+- **naive**: a torch DataLoader over per-sample torchvision transforms on PIL images, fp32,
+  and attack steps that call ``loss.backward()`` and so also build weight gradients.
+
+Prints both and their ratio, then one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from bdat_ray.cli import Parser, keys_epilog, main_guard
+from bdat_ray.config import build_config
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _rate(step: Callable[[], int], iters: int, warmup: int, device: torch.device) -> float:
+    """images/s of ``step`` (returns the images it processed) after ``warmup`` untimed calls."""
+    for _ in range(warmup):
+        step()
+    _sync(device)
+    t0 = time.perf_counter()
+    images = sum(step() for _ in range(iters))
+    _sync(device)
+    return images / (time.perf_counter() - t0)
+
+
+def ours(prep, pgd_steps: int, adversarial: bool) -> Callable[[], int]:
+    """One step of the engine's real training loop (`train_epoch` body)."""
+    from bdat_ray.data.augment import augment, shuffled_batches, to_float
+    from bdat_ray.engine import build_threat, make_optimizer
+    from bdat_ray.threats.objective import AdversarialTraining, StandardTraining
+
+    cfg = prep.cfg
+    model = prep.model
+    optimizer, _ = make_optimizer(model, cfg)
+    threat = build_threat("linf", 8 / 255, pgd_steps, 2 / 255, True)
+    objective = AdversarialTraining([(threat, 1.0)]) if adversarial else StandardTraining()
+    gen = torch.Generator(prep.device).manual_seed(0)
+    data = prep.poisoned.data
+    batches = iter(())
+
+    def step() -> int:
+        nonlocal batches
+        idx = next(batches, None)
+        if idx is None:
+            batches = shuffled_batches(len(data.y_train), cfg.train.batch_size, gen, prep.device)
+            idx = next(batches)
+        x = to_float(augment(data.x_train[idx], prep.augment_mode, gen), prep.channels_last)
+        out = objective.batch_loss(model, x, data.y_train[idx], gen, prep.amp_dtype)
+        optimizer.zero_grad(set_to_none=True)
+        out.loss.backward()
+        optimizer.step()
+        return len(idx)
+
+    model.train()
+    return step
+
+
+def naive(prep, model, pgd_steps: int, adversarial: bool, workers: int) -> Callable[[], int]:
+    """The common tutorial pipeline: PIL images, per-sample transforms, fp32, and a PGD loop
+    whose ``loss.backward()`` builds weight gradients it then throws away."""
+    from PIL import Image
+    from torch.utils.data import DataLoader, Dataset
+    from torchvision import transforms
+
+    data = prep.poisoned.data
+    x_cpu, y_cpu = data.x_train.cpu(), data.y_train.cpu()
+    mode = "L" if x_cpu.shape[1] == 1 else "RGB"
+    size = x_cpu.shape[-1]
+    ops = [transforms.RandomCrop(size, padding=4)]
+    if prep.augment_mode == "crop_flip":
+        ops.append(transforms.RandomHorizontalFlip())
+    tf = transforms.Compose([*ops, transforms.ToTensor()])
+
+    class PILDataset(Dataset):
+        def __len__(self) -> int:
+            return len(y_cpu)
+
+        def __getitem__(self, i: int):
+            array = x_cpu[i].permute(1, 2, 0).squeeze(-1).numpy()
+            return tf(Image.fromarray(array, mode)), int(y_cpu[i])
+
+    loader = DataLoader(
+        PILDataset(),
+        batch_size=prep.cfg.train.batch_size,
+        shuffle=True,
+        num_workers=workers,
+        pin_memory=prep.device.type == "cuda",
+        drop_last=True,
+        persistent_workers=workers > 0,
+    )
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+    eps, alpha = 8 / 255, 2 / 255
+    batches = iter(())
+
+    def step() -> int:
+        nonlocal batches
+        batch = next(batches, None)
+        if batch is None:
+            batches = iter(loader)
+            batch = next(batches)
+        x, y = (t.to(prep.device) for t in batch)
+        if adversarial:
+            delta = torch.empty_like(x).uniform_(-eps, eps)
+            for _ in range(pgd_steps):
+                delta.requires_grad_(True)
+                loss = F.cross_entropy(model((x + delta).clamp(0, 1)), y)
+                loss.backward()  # also fills every weight's .grad: the cost we avoid
+                delta = (delta + alpha * delta.grad.sign()).clamp(-eps, eps).detach()
+            x = (x + delta).clamp(0, 1)
+        optimizer.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        optimizer.step()
+        return len(y)
+
+    model.train()
+    return step
+
+
+def parser() -> argparse.ArgumentParser:
+    p = Parser(
+        prog="python -m bdat_ray.bench",
+        description=__doc__.split("\n\n")[0],
+        epilog=keys_epilog(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    p.add_argument("--iters", type=int, default=20, help="timed steps per measurement")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps before timing")
+    p.add_argument("--pgd-steps", type=int, default=10, help="k of the PGD-k AT step")
+    p.add_argument("--naive-workers", type=int, default=2, help="DataLoader workers (naive)")
+    return p
+
+
+@main_guard
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    cfg = build_config(None, args.overrides)
+    from bdat_ray.engine import prepare
+
+    prep = prepare(cfg)
+    fresh_model = copy.deepcopy(prep.model).to(memory_format=torch.contiguous_format)
+    dev = prep.device
+    name = (
+        torch.cuda.get_device_name(dev)
+        if dev.type == "cuda"
+        else f"CPU ({torch.get_num_threads()} threads)"
+    )
+    timing = {"warmup": args.warmup, "iters": args.iters, "device": dev}
+    rows = {
+        "clean": (
+            _rate(ours(prep, args.pgd_steps, False), **timing),
+            _rate(naive(prep, fresh_model, args.pgd_steps, False, args.naive_workers), **timing),
+        ),
+        f"pgd{args.pgd_steps}_at": (
+            _rate(ours(prep, args.pgd_steps, True), **timing),
+            _rate(naive(prep, fresh_model, args.pgd_steps, True, args.naive_workers), **timing),
+        ),
+    }
+    c = prep.cfg
+    print(
+        f"device: {name}; data {c.data.name} {tuple(prep.poisoned.data.image_shape)}, "
+        f"model {c.model.name}, batch {c.train.batch_size}, amp {c.train.amp}, "
+        f"{args.iters} timed steps",
+        file=sys.stderr,
+    )
+    print(f"{'step':<12}{'ours img/s':>14}{'naive img/s':>14}{'speed-up':>10}", file=sys.stderr)
+    for step, (fast, slow) in rows.items():
+        print(f"{step:<12}{fast:>14.1f}{slow:>14.1f}{fast / slow:>9.2f}x", file=sys.stderr)
+    summary = {
+        "device": name,
+        "data": c.data.name,
+        "model": c.model.name,
+        "batch_size": c.train.batch_size,
+        "amp": c.train.amp,
+        **{f"{s}_ours": f for s, (f, _) in rows.items()},
+        **{f"{s}_naive": n for s, (_, n) in rows.items()},
+        **{f"{s}_speedup": f / n for s, (f, n) in rows.items()},
+    }
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
