@@ -148,7 +148,7 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     p.add_argument("--iters", type=int, default=20, help="timed steps per measurement")
-    p.add_argument("--warmup", type=int, default=3, help="untimed steps before timing")
+    p.add_argument("--warmup", type=int, default=5, help="untimed steps before timing")
     p.add_argument("--pgd-steps", type=int, default=10, help="k of the PGD-k AT step")
     p.add_argument("--naive-workers", type=int, default=2, help="DataLoader workers (naive)")
     return p

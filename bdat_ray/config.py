@@ -418,21 +418,26 @@ def flatten(mapping: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def from_flat(values: Mapping[str, Any]) -> Config:
     """Build and validate a `Config` from flat dotted keys; missing keys take defaults."""
-    parsed = {key: parse_value(key, raw) for key, raw in values.items()}
-    sections: dict[str, dict[str, Any]] = {}
-    top: dict[str, Any] = {}
-    for key, value in parsed.items():
-        head, _, rest = key.partition(".")
-        if rest:
-            sections.setdefault(head, {})[rest] = value
-        else:
-            top[key] = value
-    hints = typing.get_type_hints(Config)
-    for name, fields in sections.items():
-        top[name] = hints[name](**fields)
-    cfg = Config(**top)
+    nested: dict[str, Any] = {}
+    for key, raw in values.items():
+        *sections, name = key.split(".")
+        node = nested
+        for part in sections:
+            node = node.setdefault(part, {})
+        node[name] = parse_value(key, raw)
+    cfg = _instantiate(Config, nested)
     validate(cfg)
     return cfg
+
+
+def _instantiate(cls: type, values: dict[str, Any]) -> Any:
+    hints = typing.get_type_hints(cls)
+    return cls(
+        **{
+            name: _instantiate(hints[name], value) if isinstance(value, dict) else value
+            for name, value in values.items()
+        }
+    )
 
 
 def parse_overrides(pairs: Iterable[str]) -> dict[str, str]:

@@ -180,22 +180,31 @@ def evaluate(prep: Prepared, model: nn.Module | None = None) -> dict[str, float]
     return {"acc": acc, "asr": asr}
 
 
-def evaluate_robust(prep: Prepared, model: nn.Module | None = None) -> float | None:
-    n = prep.cfg.eval.robust_samples
+def evaluate_robust(prep: Prepared, progress: bool = False) -> float | None:
+    """``robust_acc`` under the fixed evaluation attack on the first ``eval.robust_samples``
+    clean test images; None when that is 0."""
+    n = min(prep.cfg.eval.robust_samples, len(prep.poisoned.data.y_test))
     if n == 0:
         return None
     p = prep.poisoned
     generator = torch.Generator(prep.device).manual_seed(prep.cfg.train.seed + 2)
-    return robust_accuracy(
-        model or prep.model,
-        p.data.x_test[:n],
-        p.data.y_test[:n],
-        eval_threat(prep.cfg),
-        batch_size=prep.cfg.eval.batch_size,
-        generator=generator,
-        amp_dtype=prep.amp_dtype,
-        channels_last=prep.channels_last,
-    )
+    threat = eval_threat(prep.cfg)
+    bar = _progress_bar(progress, n, f"robust_acc ({threat.name} PGD-{threat.steps})")
+    try:
+        return robust_accuracy(
+            prep.model,
+            p.data.x_test[:n],
+            p.data.y_test[:n],
+            threat,
+            batch_size=prep.cfg.eval.batch_size,
+            generator=generator,
+            amp_dtype=prep.amp_dtype,
+            channels_last=prep.channels_last,
+            on_batch=bar.update if bar is not None else None,
+        )
+    finally:
+        if bar is not None:
+            bar.close()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -382,7 +391,7 @@ def fit(
             on_epoch(metrics, checkpoint_dir)
 
     final = evaluate(prep)
-    robust = evaluate_robust(prep)
+    robust = evaluate_robust(prep, progress)
     train_seconds = sum(h["epoch_seconds"] for h in history)
     result = RunResult(
         acc=final["acc"],

@@ -10,6 +10,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -68,8 +70,10 @@ def robust_accuracy(
     generator: torch.Generator | None = None,
     amp_dtype: torch.dtype | None = None,
     channels_last: bool = False,
+    on_batch: Callable[[int], None] | None = None,
 ) -> float:
-    """Accuracy on ``threat``'s adversarial examples (model in eval mode)."""
+    """Accuracy on ``threat``'s adversarial examples (model in eval mode). ``on_batch(n)`` is
+    called after each batch of n images (progress display)."""
     hits = []
     for xb, yb in zip(images.split(batch_size), labels.split(batch_size), strict=True):
         x = to_float(xb, channels_last)
@@ -77,4 +81,6 @@ def robust_accuracy(
             model, x, yb, threat, generator=generator, bn_mode="eval", amp_dtype=amp_dtype
         )
         hits.append(predict(model, x_adv, batch_size=batch_size, amp_dtype=amp_dtype) == yb)
+        if on_batch is not None:
+            on_batch(len(yb))
     return percent(torch.cat(hits)) if hits else float("nan")
