@@ -49,13 +49,14 @@ def _rate(step: Callable[[], int], iters: int, warmup: int, device: torch.device
 def ours(prep, pgd_steps: int, adversarial: bool) -> Callable[[], int]:
     """One step of the engine's real training loop (`train_epoch` body)."""
     from bdat_ray.data.augment import augment, shuffled_batches, to_float
-    from bdat_ray.engine import build_threat, make_optimizer
+    from bdat_ray.engine import make_optimizer
+    from bdat_ray.threats import THREATS
     from bdat_ray.threats.objective import AdversarialTraining, StandardTraining
 
     cfg = prep.cfg
     model = prep.model
     optimizer, _ = make_optimizer(model, cfg)
-    threat = build_threat("linf", 8 / 255, pgd_steps, 2 / 255, True)
+    threat = THREATS["linf"](8 / 255, pgd_steps, 2 / 255, random_start=True)
     objective = AdversarialTraining([(threat, 1.0)]) if adversarial else StandardTraining()
     gen = torch.Generator(prep.device).manual_seed(0)
     data = prep.poisoned.data

@@ -137,6 +137,88 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class BlendedConfig:
+    alpha: float = option(
+        0.2,
+        "blend weight in x' = (1-α)x + α·t for training images (Chen et al. 2017)",
+        check=lambda v: None if 0 < v < 1 else "must be in (0, 1)",
+    )
+    alpha_test: float | None = option(
+        None,
+        "blend weight for triggered test images; default: alpha",
+        check=lambda v: None if v is None or 0 < v < 1 else "must be in (0, 1)",
+    )
+    trigger: str = option(
+        "picture",
+        "picture: built-in procedurally drawn picture (stand-in for the papers' Hello-Kitty); "
+        "noise: uniform random image seeded by attack.seed; file: attack.blended.file",
+        choices=("picture", "noise", "file"),
+    )
+    file: str | None = option(None, "image file used when attack.blended.trigger=file (resized)")
+
+
+@dataclass(frozen=True)
+class WaNetConfig:
+    k: int = option(
+        4, "control grid size k×k of the warping field (Nguyen & Tran 2021)", check=at_least(2)
+    )
+    s: float = option(0.5, "warping strength", check=above(0))
+    grid_rescale: float = option(1.0, "scale of the warped grid before clipping", check=above(0))
+    cross_ratio: float = option(
+        2.0,
+        "noise-mode ('cross') images per poisoned image: warped with a random extra field, "
+        "keeping their true labels",
+        check=at_least(0),
+    )
+    redraw: bool = option(
+        False,
+        "draw a fresh poisoned and cross set every epoch (the original WaNet poisons per "
+        "batch); false keeps the set fixed at build time like every other attack",
+    )
+
+
+@dataclass(frozen=True)
+class LCConfig:
+    eps: float = option(
+        16 / 255,
+        "PGD budget of the surrogate's adversarial perturbation (Turner et al. 2019)",
+        unit="pixel units",
+        check=above(0),
+    )
+    norm: str = option("linf", "norm of the adversarial perturbation", choices=("linf", "l2"))
+    steps: int = option(10, "PGD steps of the perturbation", check=at_least(1))
+    amplitude: float = option(
+        1.0,
+        "trigger amplitude on poisoned training images: pixels move by ±amplitude toward "
+        "white/black (1 = full replacement; Turner et al. also use 16/255-64/255)",
+        unit="pixel units",
+        check=within(0, 1),
+    )
+    amplitude_test: float = option(
+        1.0, "trigger amplitude on test images", unit="pixel units", check=within(0, 1)
+    )
+    surrogate_epochs: int = option(
+        10, "epochs of the surrogate model the platform trains itself", check=at_least(1)
+    )
+    surrogate_at: str = option(
+        "linf",
+        "surrogate training: linf = adversarially trained at attack.lc.eps/2 (Turner et al. "
+        "perturb with robust models), none = standard training",
+        choices=("linf", "none"),
+    )
+
+
+@dataclass(frozen=True)
+class WatermarkConfig:
+    amplitude: float = option(
+        32 / 255,
+        "peak additive change of the watermark (clipped to [0, 1])",
+        unit="pixel units",
+        check=within(0, 1),
+    )
+
+
+@dataclass(frozen=True)
 class AttackConfig:
     name: str = option(
         "badnets",
@@ -145,8 +227,15 @@ class AttackConfig:
     )
     poison_rate: float = option(
         0.05,
-        "poisoned images as a fraction of the WHOLE training set (CAT paper: 0.01 dirty-label "
-        "BadNets, 0.005 clean-label)",
+        "poisoned images as a fraction of the WHOLE training set, for badnets, blended, wanet, "
+        "lc (CAT paper: 0.01 dirty-label BadNets and LC, 0.005 clean-label, 0.05 Blended/WaNet)",
+        unit="fraction",
+        check=within(0, 1),
+    )
+    target_fraction: float = option(
+        0.5,
+        "poisoned images as a fraction of the TARGET CLASS, for Weng et al.'s clean-label "
+        "sticker, watermark and channel triggers (their Table 7: 0.5, 0.25, 0.1)",
         unit="fraction",
         check=within(0, 1),
     )
@@ -154,16 +243,19 @@ class AttackConfig:
     label_mode: str = option(
         "dirty",
         "dirty: poisoned images are relabelled to the target; clean: only target-class images "
-        "are poisoned and labels never change",
+        "are poisoned and labels never change (lc and Weng's triggers are clean-label only)",
         choices=("dirty", "clean"),
     )
     trigger: str = option(
         "checkerboard3",
-        "patch pattern",
+        "patch pattern (badnets)",
         choices=_registry_names("bdat_ray.backdoors.triggers", "PATTERNS"),
     )
     trigger_size: int | None = option(
-        None, "patch side length; default: the pattern's own (3 or 2)", unit="px", check=above(0)
+        None,
+        "patch side length (badnets, sticker, channel); default: the pattern's own (3 or 2)",
+        unit="px",
+        check=above(0),
     )
     position: str = option(
         "bottom_right",
@@ -171,19 +263,98 @@ class AttackConfig:
         choices=("bottom_right", "bottom_left", "top_right", "top_left", "random_corner"),
     )
     seed: int = option(0, "seed of the poisoned-index draw and of random triggers")
+    blended: BlendedConfig = field(default_factory=BlendedConfig)
+    wanet: WaNetConfig = field(default_factory=WaNetConfig)
+    lc: LCConfig = field(default_factory=LCConfig)
+    watermark: WatermarkConfig = field(default_factory=WatermarkConfig)
+
+
+def _threat_section(name: str, budget: str, paper_default: str, extra: str = "") -> type:
+    """The per-threat section ``at.<name>.*``: budget, steps, step size and composite weight."""
+
+    @dataclass(frozen=True)
+    class Section:
+        eps: float | None = option(
+            None,
+            f"{name} budget [{budget}] when used as a component of at.threat=composite (or as the "
+            f"single threat when at.eps is unset); default {paper_default}{extra}",
+            check=above(0),
+        )
+        steps: int | None = option(
+            None, f"{name} attack steps; default at.steps", check=at_least(1)
+        )
+        step_size: float | None = option(
+            None, f"{name} step size; default the threat's rule", check=above(0)
+        )
+        weight: float | None = option(
+            None,
+            f"{name} weight in a composite (normalised to sum 1; unset weights share what the "
+            "set ones leave, so one float sweeps a two-way mix)",
+            check=at_least(0),
+        )
+
+    Section.__name__ = Section.__qualname__ = f"{name.title().replace('_', '')}Section"
+    return Section
+
+
+LinfSection = _threat_section("linf", "pixel units, L-inf", "8/255", " (CAT uses 2/255)")
+L2Section = _threat_section("l2", "pixel units, L2", "128/255")
+NoiseSection = _threat_section("noise", "pixel units, Gaussian σ", "0.1")
+FlowNoiseSection = _threat_section("flow_noise", "normalised grid units, L-inf", "0.05")
+
+
+@dataclass(frozen=True)
+class SpatialSection(
+    _threat_section("spatial", "normalised grid units, L-inf", "0.05", " (CAT uses 0.025)")
+):
+    tau: float = option(
+        0.0,
+        "weight of stAdv's flow-smoothness penalty subtracted from the inner objective",
+        check=at_least(0),
+    )
+    optimizer: str = option(
+        "sign", "flow update: gradient sign or Adam steps", choices=("sign", "adam")
+    )
+
+
+@dataclass(frozen=True)
+class PerceptualSection(_threat_section("perceptual", "LPIPS distance", "0.5")):
+    network: str = option(
+        "self",
+        "feature network of the LPIPS distance: self = the model being trained (self-bounded, "
+        "CAT paper; runs offline); alex/vgg = lpips' LPIPS nets, needing torchvision's "
+        "ImageNet weights already in the torch hub cache",
+        choices=("self", "alex", "vgg"),
+    )
+    lagrange: float = option(
+        0.01, "initial Lagrange multiplier λ of Fast-LPA (Laidlaw et al. 2021)", check=above(0)
+    )
+    lagrange_growth: float = option(
+        10.0,
+        "λ multiplies by this over the attack's steps when the bound is violated",
+        check=at_least(1),
+    )
+    projection_steps: int = option(
+        10, "bisection steps that pull an out-of-bound result back inside", check=at_least(0)
+    )
+
+
+THREAT_NAMES = ("linf", "l2", "spatial", "perceptual", "noise", "flow_noise")
 
 
 @dataclass(frozen=True)
 class ATConfig:
     threat: str = option(
         "none",
-        "threat model of adversarial training (none = standard training)",
-        choices=lambda: ["none", *_registry_names("bdat_ray.threats", "THREATS")()],
+        "threat model of adversarial training: none = standard training; composite = "
+        "at.components mixed by at.mix; cat = the CAT paper's L-inf 2/255 + spatial 0.025",
+        choices=("none", *THREAT_NAMES, "composite", "cat"),
     )
     eps: float | None = option(
         None,
-        "budget of at.threat in its own unit (linf/l2: pixel units, e.g. 8/255); "
-        "default: the threat's paper default",
+        "budget of a single at.threat in its own unit (linf/l2/noise: pixel units, e.g. 8/255; "
+        "spatial/flow_noise: normalised grid units; perceptual: LPIPS distance); default: "
+        "at.<threat>.eps, else the threat's paper default",
         check=at_least(0),
     )
     steps: int = option(5, "attack steps per training batch", check=at_least(1))
@@ -197,6 +368,23 @@ class ATConfig:
         "train uses batch statistics and updates the running ones",
         choices=("eval", "train"),
     )
+    components: str = option(
+        "linf,spatial",
+        "comma-separated threat models mixed by at.threat=composite, each with its budget in "
+        "at.<threat>.eps",
+    )
+    mix: str = option(
+        "sum",
+        "composite rule: sum = weighted sum of losses; random = one threat per batch drawn by "
+        "weight; max = per sample the threat with the highest loss",
+        choices=("sum", "random", "max"),
+    )
+    linf: LinfSection = field(default_factory=LinfSection)
+    l2: L2Section = field(default_factory=L2Section)
+    spatial: SpatialSection = field(default_factory=SpatialSection)
+    perceptual: PerceptualSection = field(default_factory=PerceptualSection)
+    noise: NoiseSection = field(default_factory=NoiseSection)
+    flow_noise: FlowNoiseSection = field(default_factory=FlowNoiseSection)
 
 
 @dataclass(frozen=True)
@@ -473,10 +661,86 @@ def build_config(config_file: str | Path | None = None, overrides: Iterable[str]
     return from_flat(values)
 
 
+# The CAT paper's composite (§4): L-inf 2/255 + spatial 0.025, equally weighted.
+CAT_PRESET = {"linf": 2 / 255, "spatial": 0.025}
+
+
+@dataclass(frozen=True)
+class Component:
+    """One threat model of an AT run with everything resolved but the class defaults."""
+
+    threat: str
+    eps: float | None  # None: the threat's paper default
+    steps: int
+    step_size: float | None
+    weight: float
+
+
+def at_components(at: ATConfig) -> list[Component]:
+    """The threat models an ``at`` section trains against (empty for standard training).
+
+    Single threat: budget ``at.eps``, else ``at.<threat>.eps``, else the paper default.
+    ``composite``: ``at.components``, each with its required ``at.<threat>.eps``.
+    ``cat``: L-inf 2/255 + spatial 0.025 unless ``at.linf.eps``/``at.spatial.eps`` say
+    otherwise. Weights: ``at.<threat>.weight``; unset ones share what the set ones leave.
+    Raises `ConfigError` naming the key for anything that cannot run."""
+    if at.threat == "none":
+        return []
+    if at.threat not in ("composite", "cat"):
+        section = getattr(at, at.threat)
+        if at.eps == 0:
+            raise ConfigError("at.eps", f"must be > 0 for at.threat={at.threat}; got 0")
+        eps = at.eps if at.eps is not None else section.eps
+        return [
+            Component(
+                at.threat, eps, section.steps or at.steps, at.step_size or section.step_size, 1.0
+            )
+        ]
+    if at.eps is not None:
+        raise ConfigError(
+            "at.eps",
+            f"applies to a single threat; at.threat={at.threat} takes at.<threat>.eps "
+            "per component",
+        )
+    if at.threat == "cat":
+        names = list(CAT_PRESET)
+    else:
+        names = [n.strip() for n in at.components.split(",") if n.strip()]
+        unknown = [n for n in names if n not in THREAT_NAMES]
+        if unknown or len(names) < 2 or len(set(names)) != len(names):
+            raise ConfigError(
+                "at.components",
+                f"must name two or more distinct threat models of {', '.join(THREAT_NAMES)}; "
+                f"got {at.components!r}",
+            )
+    sections = {n: getattr(at, n) for n in names}
+    budgets = {
+        n: sec.eps if sec.eps is not None else CAT_PRESET.get(n) for n, sec in sections.items()
+    }
+    if at.threat == "composite":
+        for n, sec in sections.items():
+            if sec.eps is None:
+                raise ConfigError(
+                    f"at.{n}.eps", f"composite component {n} needs its budget (at.{n}.eps=...)"
+                )
+    weights = {n: sec.weight for n, sec in sections.items()}
+    given = sum(w for w in weights.values() if w is not None)
+    unset = [n for n, w in weights.items() if w is None]
+    for n in unset:
+        weights[n] = max(0.0, 1.0 - given) / len(unset) if given else 1.0 / len(names)
+    if sum(weights.values()) <= 0:
+        raise ConfigError(
+            f"at.{names[0]}.weight", "composite weights must sum to a positive number"
+        )
+    return [
+        Component(n, budgets[n], sec.steps or at.steps, sec.step_size, weights[n])
+        for n, sec in sections.items()
+    ]
+
+
 def validate(cfg: Config) -> None:
     """Cross-key checks that need no dataset (dataset-dependent ones run in `engine.prepare`)."""
-    if cfg.at.threat != "none" and cfg.at.eps == 0:
-        raise ConfigError("at.eps", f"must be > 0 for at.threat={cfg.at.threat}; got 0")
+    at_components(cfg.at)
     from bdat_ray.backdoors import BACKDOORS
 
     BACKDOORS[cfg.attack.name].check_config(cfg.attack)

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from bdat_ray.backdoors import BACKDOORS, PoisonedData
-from bdat_ray.config import Config, ConfigError
+from bdat_ray.config import Component, Config, ConfigError, at_components
 from bdat_ray.data import load_dataset
 from bdat_ray.data.augment import augment, resolve_augment, shuffled_batches, to_float
 from bdat_ray.metrics import attack_success_rate, clean_accuracy, predict, robust_accuracy
@@ -55,25 +55,46 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def build_threat(
-    name: str, eps: float | None, steps: int, step_size: float | None, random_start: bool
-) -> ThreatModel:
-    cls = THREATS[name]
-    return cls(eps if eps is not None else cls.default_eps, steps, step_size, random_start)
+def build_threat(component: Component, cfg: Config, model: nn.Module | None = None) -> ThreatModel:
+    """A threat model from its resolved component and its ``at.<name>`` section."""
+    cls = THREATS[component.threat]
+    section = getattr(cfg.at, component.threat)
+    return cls.from_config(component, section, random_start=cfg.at.random_start, model=model)
 
 
-def build_objective(cfg: Config) -> StandardTraining | AdversarialTraining:
-    if cfg.at.threat == "none":
+def build_objective(cfg: Config, model: nn.Module) -> StandardTraining | AdversarialTraining:
+    components = at_components(cfg.at)
+    if not components:
         return StandardTraining()
-    threat = build_threat(
-        cfg.at.threat, cfg.at.eps, cfg.at.steps, cfg.at.step_size, cfg.at.random_start
-    )
-    return AdversarialTraining([(threat, 1.0)], bn_mode=cfg.at.bn_mode)
+    threats = [(build_threat(c, cfg, model), c.weight) for c in components]
+    return AdversarialTraining(threats, mix=cfg.at.mix, bn_mode=cfg.at.bn_mode)
 
 
-def eval_threat(cfg: Config) -> ThreatModel:
+def eval_threat(cfg: Config, model: nn.Module | None = None) -> ThreatModel:
+    """The fixed evaluation attack behind ``robust_acc`` (PGD-20 L-inf 8/255 by default)."""
     e = cfg.eval
-    return build_threat(e.threat, e.eps, e.steps, e.step_size, random_start=True)
+    component = Component(e.threat, e.eps, e.steps, e.step_size, 1.0)
+    cls = THREATS[e.threat]
+    return cls.from_config(component, getattr(cfg.at, e.threat), random_start=True, model=model)
+
+
+def _resolved_threat_keys(cfg: Config, objective) -> dict[str, Any]:
+    """What the AT run actually used, for the resolved config (budgets, steps, weights)."""
+    if not isinstance(objective, AdversarialTraining):
+        return {}
+    pairs = list(zip(objective.threats, objective.weights, strict=True))
+    if cfg.at.threat not in ("composite", "cat"):
+        threat = pairs[0][0]
+        return {"at.eps": threat.eps, "at.step_size": threat.step_size}
+    out: dict[str, Any] = {}
+    for threat, weight in pairs:
+        out |= {
+            f"at.{threat.name}.eps": threat.eps,
+            f"at.{threat.name}.steps": threat.steps,
+            f"at.{threat.name}.step_size": threat.step_size,
+            f"at.{threat.name}.weight": weight,
+        }
+    return out
 
 
 @dataclass
@@ -96,18 +117,6 @@ def prepare(cfg: Config) -> Prepared:
     backdoor = BACKDOORS[cfg.attack.name](cfg.attack)
     poisoned = backdoor.poison(data)
     amp = cfg.train.amp if cfg.train.amp != "auto" else ("bf16" if device.type == "cuda" else "off")
-    objective = build_objective(cfg)
-    resolved: dict[str, Any] = {
-        "device": str(device),
-        "train.amp": amp,
-        "train.augment": resolve_augment(cfg.train.augment, data.channels),
-    }
-    if isinstance(objective, AdversarialTraining):
-        threat = objective.threats[0]
-        resolved.update({"at.eps": threat.eps, "at.step_size": threat.step_size})
-    if hasattr(backdoor, "size"):
-        resolved["attack.trigger_size"] = backdoor.size
-    resolved_cfg = cfg.replace(resolved)
 
     torch.manual_seed(cfg.train.seed)
     mean, std = poisoned.data.channel_stats()
@@ -121,11 +130,19 @@ def prepare(cfg: Config) -> Prepared:
         std=std,
     )
     channels_last = device.type == "cuda"
-    model = model.to(
-        device, memory_format=torch.channels_last if channels_last else torch.contiguous_format
-    )
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    model = model.to(device, memory_format=memory_format)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
+    objective = build_objective(cfg, model)
+    resolved: dict[str, Any] = {
+        "device": str(device),
+        "train.amp": amp,
+        "train.augment": resolve_augment(cfg.train.augment, data.channels),
+        **backdoor.resolved_keys(),
+        **_resolved_threat_keys(cfg, objective),
+    }
+    resolved_cfg = cfg.replace(resolved)
     return Prepared(
         cfg=resolved_cfg,
         device=device,
@@ -188,7 +205,7 @@ def evaluate_robust(prep: Prepared, progress: bool = False) -> float | None:
         return None
     p = prep.poisoned
     generator = torch.Generator(prep.device).manual_seed(prep.cfg.train.seed + 2)
-    threat = eval_threat(prep.cfg)
+    threat = eval_threat(prep.cfg, prep.model)
     bar = _progress_bar(progress, n, f"robust_acc ({threat.name} PGD-{threat.steps})")
     try:
         return robust_accuracy(

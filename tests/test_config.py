@@ -124,3 +124,55 @@ def test_help_lists_every_key_with_default_and_unit():
     for key in leaf_keys():
         assert f"  {key}=" in text
     assert "attack.poison_rate=0.05 [fraction]" in text
+
+
+def components(**flat):
+    from bdat_ray.config import at_components
+
+    return [(c.threat, c.eps, c.weight) for c in at_components(from_flat(flat).at)]
+
+
+def test_single_threat_budget_precedence():
+    assert components(**{"at.threat": "none"}) == []
+    assert components(**{"at.threat": "linf"}) == [("linf", None, 1.0)]  # threat default
+    assert components(**{"at.threat": "linf", "at.linf.eps": "4/255"}) == [("linf", 4 / 255, 1.0)]
+    assert components(**{"at.threat": "linf", "at.eps": "8/255", "at.linf.eps": "4/255"}) == [
+        ("linf", 8 / 255, 1.0)
+    ]
+
+
+def test_cat_preset_is_the_papers_composite():
+    assert components(**{"at.threat": "cat"}) == [("linf", 2 / 255, 0.5), ("spatial", 0.025, 0.5)]
+
+
+def test_composite_weights_one_float_sweeps_a_two_way_mix():
+    flat = {
+        "at.threat": "composite",
+        "at.components": "linf,spatial",
+        "at.linf.eps": "2/255",
+        "at.spatial.eps": 0.05,
+    }
+    assert components(**flat) == [("linf", 2 / 255, 0.5), ("spatial", 0.05, 0.5)]
+    weighted = components(**flat, **{"at.linf.weight": 0.3})
+    assert [w for *_, w in weighted] == pytest.approx([0.3, 0.7])
+
+
+@pytest.mark.parametrize(
+    ("flat", "key"),
+    [
+        (
+            {"at.threat": "composite", "at.components": "linf,spatial", "at.linf.eps": 0.01},
+            "at.spatial.eps",
+        ),
+        ({"at.threat": "composite", "at.components": "linf,warp"}, "at.components"),
+        ({"at.threat": "composite", "at.components": "linf"}, "at.components"),
+        ({"at.threat": "cat", "at.eps": 0.1}, "at.eps"),
+        ({"at.threat": "cat", "at.linf.weight": 0, "at.spatial.weight": 0}, "at.linf.weight"),
+        ({"at.threat": "spatial", "at.eps": 0}, "at.eps"),
+        ({"at.threat": "cat", "at.spatial.weight": -1}, "at.spatial.weight"),
+    ],
+)
+def test_composite_errors_name_the_key(flat, key):
+    with pytest.raises(ConfigError) as err:
+        from_flat(flat)
+    assert err.value.key == key

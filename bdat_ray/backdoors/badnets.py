@@ -26,6 +26,9 @@ class BadNets(Backdoor):
         self.size = cfg.trigger_size or PATTERNS[cfg.trigger][1]
         self._pattern_seed = cfg.seed
 
+    def resolved_keys(self) -> dict[str, object]:
+        return {"attack.trigger_size": self.size}
+
     def check_data(self, data: ImageData) -> None:
         _, h, w = data.image_shape
         if self.size > min(h, w):

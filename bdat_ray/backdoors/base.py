@@ -73,6 +73,10 @@ class Backdoor:
                 f"{what} training images (class {self.target})",
             )
 
+    def resolved_keys(self) -> dict[str, object]:
+        """Config keys whose defaults this attack resolved (reported with the run)."""
+        return {}
+
     # -- which images ------------------------------------------------------------------------
 
     def candidates(self, data: ImageData) -> torch.Tensor:

@@ -38,6 +38,15 @@ class ThreatModel:
         self.step_size = float(step_size) if step_size is not None else 2.5 * self.eps / steps
         self.random_start = random_start
 
+    @classmethod
+    def from_config(
+        cls, component: Any, section: Any, *, random_start: bool, model: Any = None
+    ) -> ThreatModel:
+        """Build from a resolved `bdat_ray.config.Component` and the ``at.<name>`` section
+        (subclasses with extra knobs read them from ``section``)."""
+        eps = component.eps if component.eps is not None else cls.default_eps
+        return cls(eps, component.steps, component.step_size, random_start)
+
     # -- the five operations the attack loop needs ---------------------------------------------
 
     def init(self, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
