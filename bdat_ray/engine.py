@@ -25,7 +25,7 @@ from torch import nn
 
 from bdat_ray.backdoors import BACKDOORS, PoisonedData
 from bdat_ray.config import Component, Config, ConfigError, at_components
-from bdat_ray.data import load_dataset
+from bdat_ray.data import ImageData, load_dataset
 from bdat_ray.data.augment import augment, resolve_augment, shuffled_batches, to_float
 from bdat_ray.metrics import attack_success_rate, clean_accuracy, predict, robust_accuracy
 from bdat_ray.models import build_model
@@ -109,11 +109,13 @@ class Prepared:
     augment_mode: str
 
 
-def prepare(cfg: Config) -> Prepared:
-    """Everything before the first step. Raises `ConfigError` for input that cannot work
-    with this dataset (target class, trigger size, class counts) before any training."""
+def prepare(cfg: Config, data: ImageData | None = None) -> Prepared:
+    """Everything before the first step. ``data``: the clean dataset of ``cfg.data`` if the
+    caller already holds it (a sweep shares one copy between trials), else it is loaded.
+    Raises `ConfigError` for input that cannot work with this dataset (target class, trigger
+    size, class counts) before any training."""
     device = resolve_device(cfg.device)
-    data = load_dataset(cfg.data)
+    data = data if data is not None else load_dataset(cfg.data)
     backdoor = BACKDOORS[cfg.attack.name](cfg.attack)
     poisoned = backdoor.poison(data)
     amp = cfg.train.amp if cfg.train.amp != "auto" else ("bf16" if device.type == "cuda" else "off")
@@ -328,17 +330,18 @@ def fit(
     resume_from: str | Path | None = None,
     on_epoch: EpochCallback | None = None,
     progress: bool = False,
-    prepared: Prepared | None = None,
+    data: ImageData | None = None,
 ) -> RunResult:
     """Train one run end to end and evaluate it.
 
     ``workdir`` (optional) receives ``checkpoint/state.pt`` after every epoch, the poisoned
     indices (``poisoned_indices.npy``) and ``result.json``. ``resume_from`` is a checkpoint
     directory (ours, or one restored by Ray Tune) to continue from. ``on_epoch(metrics,
-    checkpoint_dir)`` is called after each epoch's checkpoint is written.
+    checkpoint_dir)`` is called after each epoch's checkpoint is written. ``data`` is the
+    clean dataset of ``cfg.data`` when the caller already holds it (see `prepare`).
     """
     started = time.perf_counter()
-    prep = prepared or prepare(cfg)
+    prep = prepare(cfg, data)
     rcfg = prep.cfg
     workdir = Path(workdir) if workdir else None
     checkpoint_dir = workdir / "checkpoint" if workdir else None
