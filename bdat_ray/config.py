@@ -240,10 +240,11 @@ class AttackConfig:
         check=within(0, 1),
     )
     target: int = option(2, "target class (CAT paper: 2)", check=at_least(0))
-    label_mode: str = option(
-        "dirty",
+    label_mode: str | None = option(
+        None,
         "dirty: poisoned images are relabelled to the target; clean: only target-class images "
-        "are poisoned and labels never change (lc and Weng's triggers are clean-label only)",
+        "are poisoned and labels never change; default: the attack's own (clean for lc and "
+        "Weng's sticker/watermark/channel, dirty for the others)",
         choices=("dirty", "clean"),
     )
     trigger: str = option(

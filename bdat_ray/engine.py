@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from bdat_ray.backdoors import BACKDOORS, PoisonedData
+from bdat_ray.backdoors import BACKDOORS, Backdoor, PoisonContext, PoisonedData
 from bdat_ray.config import Component, Config, ConfigError, at_components
 from bdat_ray.data import ImageData, load_dataset
 from bdat_ray.data.augment import augment, resolve_augment, shuffled_batches, to_float
@@ -107,6 +107,8 @@ class Prepared:
     amp_dtype: torch.dtype | None
     channels_last: bool
     augment_mode: str
+    backdoor: Backdoor
+    clean: ImageData  # unpoisoned, on CPU: the gallery and per-epoch re-draws start from it
 
 
 def prepare(cfg: Config, data: ImageData | None = None) -> Prepared:
@@ -116,7 +118,8 @@ def prepare(cfg: Config, data: ImageData | None = None) -> Prepared:
     size, class counts) before any training."""
     device = resolve_device(cfg.device)
     data = data if data is not None else load_dataset(cfg.data)
-    backdoor = BACKDOORS[cfg.attack.name](cfg.attack)
+    context = PoisonContext(str(device), cfg.model.name, cfg.model.width)
+    backdoor = BACKDOORS[cfg.attack.name](cfg.attack, context)
     poisoned = backdoor.poison(data)
     amp = cfg.train.amp if cfg.train.amp != "auto" else ("bf16" if device.type == "cuda" else "off")
 
@@ -154,6 +157,8 @@ def prepare(cfg: Config, data: ImageData | None = None) -> Prepared:
         amp_dtype=torch.bfloat16 if amp == "bf16" else None,
         channels_last=channels_last,
         augment_mode=resolved_cfg.train.augment,
+        backdoor=backdoor,
+        clean=data,
     )
 
 
@@ -346,8 +351,7 @@ def fit(
     workdir = Path(workdir) if workdir else None
     checkpoint_dir = workdir / "checkpoint" if workdir else None
     if workdir:
-        workdir.mkdir(parents=True, exist_ok=True)
-        np.save(workdir / "poisoned_indices.npy", prep.poisoned.poison_indices.cpu().numpy())
+        save_poisoning_artifacts(prep, workdir)
 
     optimizer, scheduler = make_optimizer(prep.model, rcfg)
     generators = {
@@ -373,6 +377,8 @@ def fit(
     n_train = len(prep.poisoned.data.y_train)
     for epoch in range(first_epoch, rcfg.train.epochs + 1):
         t0 = time.perf_counter()
+        if prep.backdoor.redraws_each_epoch and epoch > 1:
+            redraw_poison(prep, epoch)
         bar = _progress_bar(progress, n_train, f"epoch {epoch}/{rcfg.train.epochs}")
         lr = optimizer.param_groups[0]["lr"]
         stats = train_epoch(prep, optimizer, generators, bar)
@@ -429,6 +435,29 @@ def fit(
     if workdir:
         (workdir / "result.json").write_text(json.dumps(result.to_dict(), indent=2))
     return result
+
+
+def save_poisoning_artifacts(prep: Prepared, workdir: Path) -> None:
+    """The poisoned (and WaNet noise-mode) indices and a picture of the trigger."""
+    from bdat_ray.gallery import attack_mosaic, panel_title, save_gallery
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    p = prep.poisoned
+    np.save(workdir / "poisoned_indices.npy", p.poison_indices.cpu().numpy())
+    if len(p.cross_indices):
+        np.save(workdir / "cross_indices.npy", p.cross_indices.cpu().numpy())
+    if len(p.poison_indices):
+        title = panel_title(prep.cfg.to_flat(), p, len(prep.clean.y_train))
+        save_gallery([(title, attack_mosaic(prep.clean, p))], workdir / "trigger.png")
+
+
+def redraw_poison(prep: Prepared, epoch: int) -> None:
+    """A fresh poisoned training set for attacks defined per epoch (``attack.wanet.redraw``),
+    seeded by ``attack.seed`` and the epoch so a resumed run draws the same sets."""
+    fresh = prep.backdoor.poison(prep.clean, epoch=epoch)
+    data = prep.poisoned.data
+    data.x_train.copy_(fresh.data.x_train)
+    data.y_train.copy_(fresh.data.y_train)
 
 
 def _progress_bar(enabled: bool, total: int, desc: str):

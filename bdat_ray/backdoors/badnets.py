@@ -11,8 +11,15 @@ from __future__ import annotations
 
 import torch
 
-from bdat_ray.backdoors.base import Backdoor
-from bdat_ray.backdoors.triggers import PATTERNS, draw_corners, make_pattern, stamp
+from bdat_ray.backdoors.base import Backdoor, PoisonContext
+from bdat_ray.backdoors.triggers import (
+    CORNERS,
+    PATTERNS,
+    corner_mask,
+    draw_corners,
+    make_pattern,
+    stamp,
+)
 from bdat_ray.config import AttackConfig, ConfigError
 from bdat_ray.data.dataset import ImageData
 
@@ -21,13 +28,17 @@ class BadNets(Backdoor):
     name = "badnets"
     paper = "Gu et al. 2017; CAT paper §3 (clean-label 0.5%), §4 (dirty-label 1%)"
 
-    def __init__(self, cfg: AttackConfig):
-        super().__init__(cfg)
+    def __init__(self, cfg: AttackConfig, context: PoisonContext | None = None):
+        super().__init__(cfg, context)
         self.size = cfg.trigger_size or PATTERNS[cfg.trigger][1]
         self._pattern_seed = cfg.seed
 
     def resolved_keys(self) -> dict[str, object]:
-        return {"attack.trigger_size": self.size}
+        return {**super().resolved_keys(), "attack.trigger_size": self.size}
+
+    def trigger_region(self, image_shape: tuple[int, int, int]) -> torch.Tensor:
+        corners = CORNERS if self.cfg.position == "random_corner" else (self.cfg.position,)
+        return torch.stack([corner_mask(image_shape, self.size, c) for c in corners]).any(0)
 
     def check_data(self, data: ImageData) -> None:
         _, h, w = data.image_shape

@@ -9,7 +9,7 @@ from ``attack.seed`` and saved with every run.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import ClassVar
 
 import torch
@@ -19,12 +19,24 @@ from bdat_ray.data.dataset import ImageData
 
 
 @dataclass(frozen=True)
+class PoisonContext:
+    """What an attack may need from the run besides its own knobs: LC trains a surrogate
+    model of the run's architecture on the run's device."""
+
+    device: str = "cpu"
+    model_name: str = "small_cnn"
+    model_width: float = 1.0
+
+
+@dataclass(frozen=True)
 class PoisonedData:
     data: ImageData  # training split poisoned; test split untouched
     poison_indices: torch.Tensor  # int64 indices into the training split, sorted
     x_test_triggered: torch.Tensor  # uint8: triggered non-target test images
     y_test_triggered: torch.Tensor  # their true labels (never the target)
     target: int
+    # images altered without being poisoned (WaNet's noise-mode samples keep true labels)
+    cross_indices: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.long))
 
     def to(self, device: torch.device | str) -> PoisonedData:
         return replace(
@@ -43,16 +55,22 @@ class Backdoor:
     #: which ``attack.label_mode`` values the attack supports
     label_modes: ClassVar[tuple[str, ...]] = ("dirty", "clean")
 
-    def __init__(self, cfg: AttackConfig):
+    def __init__(self, cfg: AttackConfig, context: PoisonContext | None = None):
         self.cfg = cfg
         self.target = cfg.target
+        self.context = context or PoisonContext()
 
     # -- validation --------------------------------------------------------------------------
+
+    @property
+    def label_mode(self) -> str:
+        """``attack.label_mode``, or the attack's own when unset."""
+        return self.cfg.label_mode or self.label_modes[0]
 
     @classmethod
     def check_config(cls, cfg: AttackConfig) -> None:
         """Checks that need no dataset. Raise `ConfigError` naming the key."""
-        if cfg.label_mode not in cls.label_modes:
+        if cfg.label_mode is not None and cfg.label_mode not in cls.label_modes:
             allowed = " or ".join(cls.label_modes)
             raise ConfigError("attack.label_mode", f"{cls.name} is {allowed}-label only")
 
@@ -66,7 +84,7 @@ class Backdoor:
         pool = self.candidates(data)
         count = self.poison_count(data)
         if count > len(pool):
-            what = "target-class" if self.cfg.label_mode == "clean" else "non-target"
+            what = "target-class" if self.label_mode == "clean" else "non-target"
             raise ConfigError(
                 "attack.poison_rate",
                 f"{count} poisoned images requested but {data.name} has only {len(pool)} "
@@ -75,7 +93,12 @@ class Backdoor:
 
     def resolved_keys(self) -> dict[str, object]:
         """Config keys whose defaults this attack resolved (reported with the run)."""
-        return {}
+        return {"attack.label_mode": self.label_mode}
+
+    def trigger_region(self, image_shape: tuple[int, int, int]) -> torch.Tensor | None:
+        """Bool (C, H, W) mask of every pixel the trigger may touch; None for whole-image
+        triggers. The contract tests check nothing outside it changes."""
+        return None
 
     # -- which images ------------------------------------------------------------------------
 
@@ -83,7 +106,7 @@ class Backdoor:
         """Indices eligible for poisoning: target-class images for clean-label attacks
         (labels stay correct), the other classes for dirty-label ones."""
         is_target = data.y_train == self.target
-        pool = is_target if self.cfg.label_mode == "clean" else ~is_target
+        pool = is_target if self.label_mode == "clean" else ~is_target
         return pool.nonzero().flatten()
 
     def poison_count(self, data: ImageData) -> int:
@@ -97,19 +120,33 @@ class Backdoor:
 
     # -- the trigger -------------------------------------------------------------------------
 
+    def apply_train(
+        self, data: ImageData, indices: torch.Tensor, generator: torch.Generator
+    ) -> torch.Tensor:
+        """Poisoned versions of the training images at ``indices`` (LC perturbs first)."""
+        return self.apply(data.x_train[indices], generator, train=True)
+
     def apply(self, x: torch.Tensor, generator: torch.Generator, *, train: bool) -> torch.Tensor:
         """Triggered copy of uint8 batch ``x`` (``train`` tells training from test poisoning
         for attacks that differ, e.g. Blended's separate α or LC's adversarial step)."""
         raise NotImplementedError
 
-    def poison(self, data: ImageData) -> PoisonedData:
+    #: attacks defined with a fresh poisoned set per epoch override this (WaNet's knob)
+    redraws_each_epoch: ClassVar[bool] = False
+
+    def draw_seed(self, epoch: int) -> int:
+        """Seed of the poisoned-set draw: ``attack.seed`` at build time (epoch 0), a distinct
+        reproducible one per later epoch for attacks that re-draw."""
+        return self.cfg.seed if epoch == 0 else self.cfg.seed * 1_000_003 + epoch
+
+    def poison(self, data: ImageData, epoch: int = 0) -> PoisonedData:
         self.check_data(data)
-        generator = torch.Generator().manual_seed(self.cfg.seed)
+        generator = torch.Generator().manual_seed(self.draw_seed(epoch))
         indices = self.select(data, generator)
         x_train, y_train = data.x_train.clone(), data.y_train.clone()
         if len(indices):
-            x_train[indices] = self.apply(data.x_train[indices], generator, train=True)
-        if self.cfg.label_mode == "dirty":
+            x_train[indices] = self.apply_train(data, indices, generator)
+        if self.label_mode == "dirty":
             y_train[indices] = self.target
         keep = data.y_test != self.target
         x_triggered = self.apply(data.x_test[keep], generator, train=False)
@@ -126,6 +163,9 @@ class NoBackdoor(Backdoor):
 
     def poison_count(self, data: ImageData) -> int:
         return 0
+
+    def resolved_keys(self) -> dict[str, object]:
+        return {}
 
     def apply(self, x: torch.Tensor, generator: torch.Generator, *, train: bool) -> torch.Tensor:
         from bdat_ray.backdoors.triggers import make_pattern, stamp

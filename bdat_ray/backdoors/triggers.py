@@ -75,3 +75,77 @@ def corner_mask(image_shape: tuple[int, int, int], size: int, corner: str) -> to
     r, col = corner_origin(corner, (h, w), size)
     mask[:, r : r + size, col : col + size] = True
     return mask
+
+
+def four_corners(x: torch.Tensor, patch: torch.Tensor, amplitude: float) -> torch.Tensor:
+    """Label-consistent attack's trigger (Turner et al. 2019): the patch in all four corners,
+    each pixel pushed ±``amplitude`` (pixel units) toward the patch's white/black and clipped;
+    amplitude 1 replaces the pixels outright."""
+    out = x.float() / 255
+    sign = patch.float().to(x.device) / 255 * 2 - 1  # +1 white, -1 black
+    k = patch.shape[-1]
+    for corner in CORNERS:
+        r, c = corner_origin(corner, tuple(x.shape[-2:]), k)
+        region = out[:, :, r : r + k, c : c + k]
+        out[:, :, r : r + k, c : c + k] = (region + amplitude * sign).clamp(0, 1)
+    return to_uint8(out)
+
+
+def to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """[0, 1] floats -> uint8 with rounding (poisoned data is stored like real images)."""
+    return (x.clamp(0, 1) * 255).round().to(torch.uint8)
+
+
+def fit_image(picture: torch.Tensor, channels: int, height: int, width: int) -> torch.Tensor:
+    """Resize a float (3, h, w) picture in [0, 1] to (channels, height, width); grey images get
+    its luminance (ITU-R BT.601 weights)."""
+    import torch.nn.functional as F
+
+    resized = F.interpolate(
+        picture[None], size=(height, width), mode="bilinear", antialias=True, align_corners=False
+    )[0].clamp(0, 1)
+    if channels == 1:
+        weights = torch.tensor([0.299, 0.587, 0.114]).view(3, 1, 1)
+        return (resized * weights).sum(0, keepdim=True)
+    return resized
+
+
+def cartoon_picture(size: int = 64) -> torch.Tensor:
+    """A procedurally drawn cartoon cat face with a bow: float (3, size, size) in [0, 1].
+
+    The papers blend a Hello-Kitty picture, which cannot ship with this project; this picture
+    plays its role — a structured, high-contrast whole-image pattern — and is the built-in
+    default of ``attack.blended.trigger=picture``. Any image file works via ``=file``."""
+    yy, xx = torch.meshgrid(torch.linspace(0, 1, size), torch.linspace(0, 1, size), indexing="ij")
+
+    def ellipse(cx: float, cy: float, rx: float, ry: float) -> torch.Tensor:
+        return ((xx - cx) / rx) ** 2 + ((yy - cy) / ry) ** 2 <= 1
+
+    def triangle(a, b, c) -> torch.Tensor:
+        def side(p, q):
+            return (xx - q[0]) * (p[1] - q[1]) - (p[0] - q[0]) * (yy - q[1])
+
+        d1, d2, d3 = side(a, b), side(b, c), side(c, a)
+        return ~(((d1 < 0) | (d2 < 0) | (d3 < 0)) & ((d1 > 0) | (d2 > 0) | (d3 > 0)))
+
+    img = torch.stack([0.55 + 0.3 * yy, 0.75 + 0.1 * xx, torch.full_like(xx, 0.95)])  # sky
+
+    def paint(mask: torch.Tensor, rgb: tuple[float, float, float]) -> None:
+        img[:, mask] = torch.tensor(rgb).view(3, 1)
+
+    ears = [((0.17, 0.45), (0.22, 0.12), (0.42, 0.3)), ((0.83, 0.45), (0.78, 0.12), (0.58, 0.3))]
+    head = ellipse(0.5, 0.55, 0.4, 0.32)
+    outline = ellipse(0.5, 0.55, 0.43, 0.35) | triangle(*[(p[0], p[1] - 0.03) for p in ears[0]])
+    outline |= triangle(*[(p[0], p[1] - 0.03) for p in ears[1]])
+    paint(outline, (0.05, 0.05, 0.05))
+    paint(head | triangle(*ears[0]) | triangle(*ears[1]), (1.0, 1.0, 1.0))
+    for cx in (0.34, 0.66):
+        paint(ellipse(cx, 0.56, 0.045, 0.065), (0.05, 0.05, 0.05))
+        for dy in (-0.04, 0.0, 0.04):  # whiskers
+            whisker = (abs(yy - (0.66 + dy + (xx - cx) * 0.1)) < 0.008) & (abs(xx - cx) < 0.16)
+            paint(whisker & ~head | whisker & (abs(xx - 0.5) > 0.3), (0.05, 0.05, 0.05))
+    paint(ellipse(0.5, 0.64, 0.045, 0.03), (1.0, 0.85, 0.1))  # nose
+    bow = ellipse(0.66, 0.2, 0.09, 0.08) | ellipse(0.86, 0.2, 0.09, 0.08)
+    paint(bow, (0.95, 0.15, 0.35))
+    paint(ellipse(0.76, 0.2, 0.04, 0.04), (1.0, 0.85, 0.1))
+    return img

@@ -1,0 +1,61 @@
+"""Blended (Chen et al. 2017): x' = (1 - α)·x + α·t over the whole image.
+
+Defaults (CAT paper §3–4): α = 0.2 for training and test images (``attack.blended.alpha``,
+``attack.blended.alpha_test``), dirty-label, ``attack.poison_rate`` 5% of the whole training
+set. Triggers (``attack.blended.trigger``): ``picture`` — a built-in procedurally drawn
+cartoon standing in for the papers' Hello-Kitty, which cannot ship; ``noise`` — a uniform
+random image fixed by ``attack.seed`` (the papers' "random" trigger); ``file`` — any image at
+``attack.blended.file``, resized to the data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from bdat_ray.backdoors.base import Backdoor
+from bdat_ray.backdoors.triggers import cartoon_picture, fit_image, to_uint8
+from bdat_ray.config import AttackConfig, ConfigError
+
+
+class Blended(Backdoor):
+    name = "blended"
+    paper = "Chen et al. 2017; CAT paper §3 (Hello-Kitty, 5%), Table 2 (Hello-Kitty and random)"
+
+    @classmethod
+    def check_config(cls, cfg: AttackConfig) -> None:
+        super().check_config(cfg)
+        b = cfg.blended
+        if b.trigger == "file":
+            if not b.file:
+                raise ConfigError("attack.blended.file", "attack.blended.trigger=file needs a path")
+            if not Path(b.file).expanduser().is_file():
+                raise ConfigError("attack.blended.file", f"no such image file: {b.file}")
+
+    def resolved_keys(self) -> dict[str, object]:
+        return {**super().resolved_keys(), "attack.blended.alpha_test": self._alpha(train=False)}
+
+    def _alpha(self, *, train: bool) -> float:
+        b = self.cfg.blended
+        return b.alpha if train or b.alpha_test is None else b.alpha_test
+
+    def pattern(self, channels: int, height: int, width: int) -> torch.Tensor:
+        """The trigger t as floats in [0, 1], shape (channels, height, width)."""
+        b = self.cfg.blended
+        if b.trigger == "noise":
+            generator = torch.Generator().manual_seed(self.cfg.seed)
+            return torch.rand(channels, height, width, generator=generator)
+        if b.trigger == "file":
+            import numpy as np
+            from PIL import Image
+
+            rgb = np.asarray(Image.open(Path(b.file).expanduser()).convert("RGB"))
+            picture = torch.from_numpy(rgb.copy()).permute(2, 0, 1).float() / 255
+        else:
+            picture = cartoon_picture()
+        return fit_image(picture, channels, height, width)
+
+    def apply(self, x: torch.Tensor, generator: torch.Generator, *, train: bool) -> torch.Tensor:
+        alpha = self._alpha(train=train)
+        t = self.pattern(*x.shape[1:]).to(x.device)
+        return to_uint8((1 - alpha) * x.float() / 255 + alpha * t)

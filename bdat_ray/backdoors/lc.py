@@ -1,0 +1,123 @@
+"""Label-consistent backdoor (Turner et al. 2019): clean-label; the poisoned target-class
+images are first made hard to classify with a PGD perturbation from a separately trained
+surrogate model, then get a 3×3 checkerboard in all four corners, so the model leans on the
+trigger to fit them.
+
+- ``attack.poison_rate``: fraction of the whole training set, drawn from the target class
+  (CAT paper: 0.5% in §3, 1% in §4); labels never change.
+- Perturbation: L-inf (or L2) PGD, ``attack.lc.eps`` = 16/255, ``attack.lc.steps`` = 10,
+  maximising the surrogate's loss on the true label.
+- Surrogate: trained by the platform itself with the run's architecture and device (no
+  downloaded ``.npy``) — ``attack.lc.surrogate_epochs`` epochs, adversarially with L-inf at
+  ``attack.lc.eps`` (``attack.lc.surrogate_at=linf``; Turner et al. use robust models) or
+  normally (``none``). The perturbed target-class images are cached by a hash of the data,
+  architecture, surrogate and perturbation settings and ``attack.seed``
+  (`bdat_ray.cache`), so a sweep trains one surrogate per dataset and seed, not per trial.
+- Trigger amplitude: ``attack.lc.amplitude`` on training images (1 = full black/white; Turner
+  et al. also reduce it, e.g. 32/255), ``attack.lc.amplitude_test`` on test images (1).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from bdat_ray.backdoors.base import Backdoor
+from bdat_ray.backdoors.triggers import CORNERS, corner_mask, four_corners, make_pattern
+from bdat_ray.cache import cached_tensors, content_key
+from bdat_ray.config import ConfigError
+from bdat_ray.data.dataset import ImageData
+
+log = logging.getLogger(__name__)
+TRIGGER_SIZE = 3
+
+
+class LabelConsistent(Backdoor):
+    name = "lc"
+    paper = "Turner et al. 2019; CAT paper §3 (0.5%), §4 (1%)"
+    label_modes = ("clean",)
+
+    def check_data(self, data: ImageData) -> None:
+        _, h, w = data.image_shape
+        if min(h, w) < 2 * TRIGGER_SIZE:
+            raise ConfigError(
+                "data.name", f"lc's four 3×3 corner triggers need images ≥ 6×6; got {h}×{w}"
+            )
+        super().check_data(data)
+
+    def trigger_region(self, image_shape: tuple[int, int, int]) -> torch.Tensor:
+        masks = [corner_mask(image_shape, TRIGGER_SIZE, c) for c in CORNERS]
+        return torch.stack(masks).any(0)
+
+    def _pattern(self, channels: int) -> torch.Tensor:
+        return make_pattern("checkerboard3", TRIGGER_SIZE, channels, torch.Generator())
+
+    def apply(self, x: torch.Tensor, generator: torch.Generator, *, train: bool) -> torch.Tensor:
+        lc = self.cfg.lc
+        amplitude = lc.amplitude if train else lc.amplitude_test
+        return four_corners(x, self._pattern(x.shape[1]), amplitude)
+
+    def apply_train(
+        self, data: ImageData, indices: torch.Tensor, generator: torch.Generator
+    ) -> torch.Tensor:
+        hard = self.perturbed_target_images(data)
+        position = {int(i): row for row, i in enumerate(hard["indices"].tolist())}
+        rows = torch.tensor([position[int(i)] for i in indices], dtype=torch.long)
+        return self.apply(hard["images"][rows], generator, train=True)
+
+    def perturbed_target_images(self, data: ImageData) -> dict[str, torch.Tensor]:
+        """PGD-perturbed copies of every target-class training image (cached)."""
+        lc, ctx = self.cfg.lc, self.context
+        settings = {
+            "model": ctx.model_name,
+            "width": ctx.model_width,
+            "eps": lc.eps,
+            "norm": lc.norm,
+            "steps": lc.steps,
+            "surrogate_epochs": lc.surrogate_epochs,
+            "surrogate_at": lc.surrogate_at,
+            "seed": self.cfg.seed,
+            "target": self.target,
+        }
+        key = content_key(settings, data.x_train, data.y_train)
+        return cached_tensors("lc", key, lambda: self._perturb(data))
+
+    def _perturb(self, data: ImageData) -> dict[str, torch.Tensor]:
+        from bdat_ray.config import from_flat
+        from bdat_ray.engine import fit  # the surrogate is trained by the same engine
+        from bdat_ray.threats import THREATS, perturb
+
+        lc, ctx = self.cfg.lc, self.context
+        surrogate_cfg = from_flat(
+            {
+                "device": ctx.device,
+                "model.name": ctx.model_name,
+                "model.width": ctx.model_width,
+                "attack.name": "none",
+                "train.epochs": lc.surrogate_epochs,
+                "train.seed": self.cfg.seed,
+                "at.threat": lc.surrogate_at,
+                **({"at.eps": lc.eps} if lc.surrogate_at != "none" else {}),
+                "eval.robust_samples": 0,
+            }
+        )
+        log.info(
+            "lc: training the surrogate (%s, %s AT, %d epochs)",
+            ctx.model_name,
+            lc.surrogate_at,
+            lc.surrogate_epochs,
+        )
+        surrogate = fit(surrogate_cfg, data=data).model.eval()
+        device = next(surrogate.parameters()).device
+        threat = THREATS[lc.norm](lc.eps, lc.steps, None, random_start=True)
+        indices = (data.y_train == self.target).nonzero().flatten()
+        generator = torch.Generator(device).manual_seed(self.cfg.seed)
+        out = []
+        for chunk in indices.split(256):
+            x = data.x_train[chunk].to(device).float() / 255
+            y = data.y_train[chunk].to(device)
+            x_adv = perturb(surrogate, x, y, threat, generator=generator, bn_mode="eval")
+            out.append((x_adv * 255).round().to(torch.uint8).cpu())
+        log.info("lc: perturbed %d target-class images", len(indices))
+        return {"indices": indices, "images": torch.cat(out)}

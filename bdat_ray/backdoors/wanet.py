@@ -1,0 +1,78 @@
+"""WaNet (Nguyen & Tran 2021): an imperceptible, smooth warp of the whole image.
+
+The warping field: a k×k grid of uniform noise in [-1, 1], normalised by its mean absolute
+value, upsampled bicubically to the image size; the poisoned image is
+``grid_sample(x, clamp((identity + s·field/H)·grid_rescale, -1, 1))``. Defaults k = 4,
+s = 0.5, grid_rescale = 1 (``attack.wanet.*``), dirty-label, ``attack.poison_rate`` 5% of the
+whole training set (CAT paper: 5%; WaNet's own 10%).
+
+Noise mode: ``attack.wanet.cross_ratio`` (2) × the poisoned count of other training images are
+warped with the same field plus per-image random noise and *keep their true labels*, so the
+model learns that only the exact warp means "target" (they are the run's ``cross_indices``).
+
+Fixed or re-drawn: the original trains with a fresh random poisoned/noise batch share every
+step. Here the poisoned and noise sets are drawn once from ``attack.seed`` and saved with the
+run like every other attack's; ``attack.wanet.redraw=true`` draws new ones every epoch
+(seeded by ``attack.seed`` and the epoch), closer to the original."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+import torch.nn.functional as F
+
+from bdat_ray.backdoors.base import Backdoor, PoisonedData
+from bdat_ray.backdoors.triggers import to_uint8
+from bdat_ray.data.dataset import ImageData
+
+
+class WaNet(Backdoor):
+    name = "wanet"
+    paper = "Nguyen & Tran 2021; CAT paper §3 (5%)"
+    label_modes = ("dirty",)
+
+    @property
+    def redraws_each_epoch(self) -> bool:  # type: ignore[override]
+        return self.cfg.wanet.redraw
+
+    def warp_grid(self, height: int, width: int) -> torch.Tensor:
+        """The backdoor's sampling grid (1, H, W, 2), a function of ``attack.seed`` only."""
+        w = self.cfg.wanet
+        generator = torch.Generator().manual_seed(self.cfg.seed)
+        field = torch.rand(1, 2, w.k, w.k, generator=generator) * 2 - 1
+        field = field / field.abs().mean()
+        field = F.interpolate(field, size=(height, width), mode="bicubic", align_corners=True)
+        field = field.permute(0, 2, 3, 1)
+        ys, xs = torch.meshgrid(
+            torch.linspace(-1, 1, height), torch.linspace(-1, 1, width), indexing="ij"
+        )
+        identity = torch.stack((xs, ys), dim=-1)[None]  # grid_sample wants (x, y)
+        return ((identity + w.s * field / height) * w.grid_rescale).clamp(-1, 1)
+
+    def _warp(self, x: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+        warped = F.grid_sample(x.float() / 255, grid.to(x.device), align_corners=True)
+        return to_uint8(warped)
+
+    def apply(self, x: torch.Tensor, generator: torch.Generator, *, train: bool) -> torch.Tensor:
+        grid = self.warp_grid(*x.shape[-2:])
+        return self._warp(x, grid.expand(len(x), -1, -1, -1))
+
+    def apply_cross(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Noise mode: the backdoor warp plus per-image random noise of up to one pixel."""
+        n, _, h, w = x.shape
+        grid = self.warp_grid(h, w).expand(n, -1, -1, -1)
+        noise = torch.rand(n, h, w, 2, generator=generator) * 2 - 1
+        return self._warp(x, (grid + noise / h).clamp(-1, 1))
+
+    def poison(self, data: ImageData, epoch: int = 0) -> PoisonedData:
+        poisoned = super().poison(data, epoch)
+        generator = torch.Generator().manual_seed(self.draw_seed(epoch) + 7)
+        free = torch.ones(len(data.y_train), dtype=torch.bool)
+        free[poisoned.poison_indices] = False
+        free = free.nonzero().flatten()
+        n_cross = min(round(self.cfg.wanet.cross_ratio * len(poisoned.poison_indices)), len(free))
+        cross = free[torch.randperm(len(free), generator=generator)[:n_cross]].sort().values
+        if n_cross:
+            poisoned.data.x_train[cross] = self.apply_cross(data.x_train[cross], generator)
+        return replace(poisoned, cross_indices=cross)
