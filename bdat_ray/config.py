@@ -301,12 +301,12 @@ def _threat_section(name: str, budget: str, paper_default: str, extra: str = "")
 LinfSection = _threat_section("linf", "pixel units, L-inf", "8/255", " (CAT uses 2/255)")
 L2Section = _threat_section("l2", "pixel units, L2", "128/255")
 NoiseSection = _threat_section("noise", "pixel units, Gaussian σ", "0.1")
-FlowNoiseSection = _threat_section("flow_noise", "normalised grid units, L-inf", "0.05")
+FlowNoiseSection = _threat_section("flow_noise", "normalised grid units, L-inf", "0.025")
 
 
 @dataclass(frozen=True)
 class SpatialSection(
-    _threat_section("spatial", "normalised grid units, L-inf", "0.05", " (CAT uses 0.025)")
+    _threat_section("spatial", "normalised grid units, L-inf", "0.025 (CAT paper)")
 ):
     tau: float = option(
         0.0,
@@ -328,11 +328,14 @@ class PerceptualSection(_threat_section("perceptual", "LPIPS distance", "0.5")):
         choices=("self", "alex", "vgg"),
     )
     lagrange: float = option(
-        0.01, "initial Lagrange multiplier λ of Fast-LPA (Laidlaw et al. 2021)", check=above(0)
+        10.0,
+        "Lagrange multiplier λ of Fast-LPA's penalty λ·ReLU(d − ε) at the last step "
+        "(Laidlaw et al. 2021)",
+        check=above(0),
     )
     lagrange_growth: float = option(
         10.0,
-        "λ multiplies by this over the attack's steps when the bound is violated",
+        "λ rises by this factor over the attack's steps (starts at lagrange/growth)",
         check=at_least(1),
     )
     projection_steps: int = option(

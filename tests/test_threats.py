@@ -34,17 +34,18 @@ def test_output_inside_threat_model_and_unit_box(name, trained_digits_model, bat
     threat = make(name)
     x_adv = perturb(trained_digits_model, x, y, threat, generator=torch.Generator().manual_seed(0))
     assert x_adv.shape == x.shape
-    assert threat.contains(x, x_adv).all()
+    assert threat.contains(x, x_adv, model=trained_digits_model).all()
     assert x_adv.min() >= 0 and x_adv.max() <= 1
     assert not x_adv.requires_grad
 
 
 @pytest.mark.parametrize("name", sorted(THREATS))
-def test_membership_rejects_points_outside(name, batch):
+def test_membership_rejects_points_outside(name, batch, trained_digits_model):
     x, _ = batch
     threat = make(name)
     far = (x + 0.9).clamp(0, 1)  # moves many pixels by far more than any budget
-    assert not threat.contains(x, far).any()
+    assert not threat.contains(x, far, model=trained_digits_model).any()
+    assert threat.contains(x, x, model=trained_digits_model).all()
 
 
 @pytest.mark.parametrize("name", MAXIMISING)
@@ -71,7 +72,8 @@ def test_mode_restored_and_no_weight_gradients(name, start_training, bn_mode, di
     model.train(start_training)
     frozen_before = [p.requires_grad for p in model.parameters()]
     seen_modes = []
-    hook = model.register_forward_pre_hook(lambda m, _: seen_modes.append(m.training))
+    # normalize is the first layer every forward path goes through (model(), features())
+    hook = model.normalize.register_forward_pre_hook(lambda m, _: seen_modes.append(m.training))
     x, y = batch
     perturb(model, x, y, make(name), generator=torch.Generator().manual_seed(0), bn_mode=bn_mode)
     hook.remove()
@@ -100,3 +102,9 @@ def test_linf_budget_is_used(trained_digits_model, batch):
     x_adv = perturb(trained_digits_model, x, y, make("linf", eps, steps=10))
     reach = (x_adv - x).abs().flatten(1).amax(1)
     assert (reach > eps - 1e-4).float().mean() > 0.9
+
+
+def test_registry_matches_the_config_sections():
+    from bdat_ray.config import THREAT_NAMES
+
+    assert set(THREATS) == set(THREAT_NAMES)

@@ -47,22 +47,26 @@ def perturb(
     """Search ``threat`` around ``x`` for inputs that maximise the cross-entropy on ``y``.
 
     Maximises ``CE(f(x'), y) - threat.penalty(...)`` per sample with ``threat.steps`` ascent
-    steps from ``threat.init``, projecting after each step. Threat models that do not
-    maximise (random controls) return their random draw. Returns a detached batch in [0, 1].
+    steps from ``threat.init``, projecting after each step, then ``threat.finalize``. Threat
+    models that do not maximise (random controls) return their random draw. Returns a
+    detached batch in [0, 1].
     """
     with attack_mode(model, bn_mode):
         delta = threat.init(x, generator)
         if threat.maximizes:
-            memory: dict = {}
-            for _ in range(threat.steps):
+            memory: dict = {"model": model}
+            autocast = torch.autocast(
+                x.device.type, amp_dtype or torch.float32, enabled=amp_dtype is not None
+            )
+            for step in range(threat.steps):
+                memory["step"] = step
                 delta.requires_grad_(True)
                 x_adv = threat.apply(x, delta)
-                with torch.autocast(
-                    x.device.type, amp_dtype or torch.float32, enabled=amp_dtype is not None
-                ):
-                    logits = model(x_adv)
+                with autocast:
+                    logits = threat.logits(model, x_adv, memory)
                 objective = F.cross_entropy(logits.float(), y, reduction="none")
-                objective = objective - threat.penalty(x, x_adv, delta)
+                objective = objective - threat.penalty(x, x_adv, delta, memory)
                 (grad,) = torch.autograd.grad(objective.sum(), delta)
-                delta = threat.project(x, threat.ascend(delta.detach(), grad, memory))
+                delta = threat.project(x, threat.ascend(x, delta.detach(), grad, memory))
+            delta = threat.finalize(x, delta, memory)
         return threat.apply(x, delta.detach()).detach()

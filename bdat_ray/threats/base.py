@@ -68,18 +68,32 @@ class ThreatModel:
         """Nearest (or a feasible) point of the threat model."""
         raise NotImplementedError
 
-    def contains(self, x: torch.Tensor, x_adv: torch.Tensor, atol: float = 1e-5) -> torch.Tensor:
-        """Per-sample bool: is ``x_adv`` in B(x) (and in [0, 1])?"""
+    def contains(
+        self, x: torch.Tensor, x_adv: torch.Tensor, atol: float = 1e-5, model: Any = None
+    ) -> torch.Tensor:
+        """Per-sample bool: is ``x_adv`` in B(x) (and in [0, 1])? ``model`` is needed only by
+        threat models measured with the model itself (self-bounded perceptual)."""
         raise NotImplementedError
 
     # -- optional ----------------------------------------------------------------------------
 
+    def logits(self, model: Any, x_adv: torch.Tensor, memory: dict[str, Any]) -> torch.Tensor:
+        """The model's logits on ``x_adv`` (perceptual threats keep the features of the same
+        forward pass in ``memory``)."""
+        return model(x_adv)
+
     def penalty(
-        self, x: torch.Tensor, x_adv: torch.Tensor, delta: torch.Tensor
+        self, x: torch.Tensor, x_adv: torch.Tensor, delta: torch.Tensor, memory: dict[str, Any]
     ) -> torch.Tensor | float:
         """Per-sample term subtracted from the loss being maximised (e.g. a smoothness or
         Lagrangian penalty). Zero for plain PGD."""
         return 0.0
+
+    def finalize(
+        self, x: torch.Tensor, delta: torch.Tensor, memory: dict[str, Any]
+    ) -> torch.Tensor:
+        """After the last step (e.g. the perceptual projection back into the bound)."""
+        return delta
 
     def describe(self) -> str:
         return (

@@ -11,17 +11,17 @@ import torch
 from bdat_ray.threats.base import ThreatModel, in_unit_box, normal, uniform
 
 
-class _PixelOffset(ThreatModel):
+class PixelOffset(ThreatModel):
     """delta is an additive pixel offset; x + delta is kept in the [0, 1] box."""
 
     def apply(self, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
         return x + delta
 
-    def _clip_to_box(self, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    def clip_to_box(self, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
         return (x + delta).clamp(0, 1) - x
 
 
-class LinfPGD(_PixelOffset):
+class LinfPGD(PixelOffset):
     name = "linf"
     unit = "pixel units, L-inf"
     default_eps = 8 / 255  # Madry et al.; Weng et al. CIFAR-10 setting
@@ -29,22 +29,22 @@ class LinfPGD(_PixelOffset):
     def init(self, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         if not self.random_start:
             return torch.zeros_like(x)
-        return self._clip_to_box(x, self.eps * uniform(x.shape, generator, x.device))
+        return self.clip_to_box(x, self.eps * uniform(x.shape, generator, x.device))
 
     def ascend(
-        self, delta: torch.Tensor, grad: torch.Tensor, memory: dict[str, Any]
+        self, x: torch.Tensor, delta: torch.Tensor, grad: torch.Tensor, memory: dict[str, Any]
     ) -> torch.Tensor:
         return delta + self.step_size * grad.sign()
 
     def project(self, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-        return self._clip_to_box(x, delta.clamp(-self.eps, self.eps))
+        return self.clip_to_box(x, delta.clamp(-self.eps, self.eps))
 
-    def contains(self, x: torch.Tensor, x_adv: torch.Tensor, atol: float = 1e-5) -> torch.Tensor:
+    def contains(self, x, x_adv, atol: float = 1e-5, model=None) -> torch.Tensor:
         dist = (x_adv - x).flatten(1).abs().amax(1)
         return (dist <= self.eps + atol) & in_unit_box(x_adv, atol)
 
 
-class L2PGD(_PixelOffset):
+class L2PGD(PixelOffset):
     name = "l2"
     unit = "pixel units, L2 over all C·H·W values"
     default_eps = 128 / 255  # inside the CAT paper's 64/255–512/255 sweep
@@ -54,27 +54,27 @@ class L2PGD(_PixelOffset):
             return torch.zeros_like(x)
         # Uniform in the L2 ball: Gaussian direction, radius eps·U^(1/d).
         direction = normal(x.shape, generator, x.device)
-        direction = direction / _norms(direction).clamp_min(1e-12)
+        direction = direction / l2_norms(direction).clamp_min(1e-12)
         d = x[0].numel()
         radius = self.eps * uniform((x.shape[0],), generator, x.device).abs() ** (1 / d)
-        return self._clip_to_box(x, direction * radius.view(-1, *[1] * (x.dim() - 1)))
+        return self.clip_to_box(x, direction * radius.view(-1, *[1] * (x.dim() - 1)))
 
     def ascend(
-        self, delta: torch.Tensor, grad: torch.Tensor, memory: dict[str, Any]
+        self, x: torch.Tensor, delta: torch.Tensor, grad: torch.Tensor, memory: dict[str, Any]
     ) -> torch.Tensor:
-        return delta + self.step_size * grad / _norms(grad).clamp_min(1e-12)
+        return delta + self.step_size * grad / l2_norms(grad).clamp_min(1e-12)
 
     def project(self, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-        scale = (self.eps / _norms(delta).clamp_min(1e-12)).clamp(max=1.0)
+        scale = (self.eps / l2_norms(delta).clamp_min(1e-12)).clamp(max=1.0)
         # Clipping to the box after the ball projection only moves x+delta toward x, so it
         # stays inside the ball.
-        return self._clip_to_box(x, delta * scale)
+        return self.clip_to_box(x, delta * scale)
 
-    def contains(self, x: torch.Tensor, x_adv: torch.Tensor, atol: float = 1e-5) -> torch.Tensor:
+    def contains(self, x, x_adv, atol: float = 1e-5, model=None) -> torch.Tensor:
         dist = (x_adv - x).flatten(1).norm(dim=1)
         return (dist <= self.eps + atol) & in_unit_box(x_adv, atol)
 
 
-def _norms(t: torch.Tensor) -> torch.Tensor:
+def l2_norms(t: torch.Tensor) -> torch.Tensor:
     """Per-sample L2 norm, shaped to broadcast against ``t``."""
     return t.flatten(1).norm(dim=1).view(-1, *[1] * (t.dim() - 1))

@@ -74,27 +74,26 @@ class AdversarialTraining:
             model, x, y, threat, generator=generator, bn_mode=self.bn_mode, amp_dtype=amp_dtype
         )
 
+    def pick(self, generator: torch.Generator | None) -> int:
+        """Index of the component for this batch under ``mix=random`` (∝ weight)."""
+        device = generator.device if generator is not None else "cpu"
+        probs = torch.tensor(self.weights, device=device)
+        return int(torch.multinomial(probs, 1, generator=generator))
+
     def batch_loss(self, model, x, y, generator=None, amp_dtype=None) -> BatchLoss:
         if len(self.threats) == 1 or self.mix == "random":
-            k = 0
-            if len(self.threats) > 1:
-                probs = torch.tensor(self.weights, device=generator.device if generator else "cpu")
-                k = int(torch.multinomial(probs, 1, generator=generator))
-            return _loss_on(
-                model,
-                self._adversarial(model, self.threats[k], x, y, generator, amp_dtype),
-                y,
-                amp_dtype,
-            )
+            k = self.pick(generator) if len(self.threats) > 1 else 0
+            x_adv = self._adversarial(model, self.threats[k], x, y, generator, amp_dtype)
+            return _loss_on(model, x_adv, y, amp_dtype)
         advs = [self._adversarial(model, t, x, y, generator, amp_dtype) for t in self.threats]
         if self.mix == "max":
-            return _loss_on(model, self._hardest(model, advs, y, amp_dtype), y, amp_dtype)
+            return _loss_on(model, self.hardest(model, advs, y, amp_dtype), y, amp_dtype)
         parts = [_loss_on(model, xa, y, amp_dtype) for xa in advs]
         loss = sum(w * p.loss for w, p in zip(self.weights, parts, strict=True))
         correct = sum(p.correct for p in parts)
         return BatchLoss(loss, correct, sum(p.count for p in parts))
 
-    def _hardest(self, model, advs: list[torch.Tensor], y, amp_dtype) -> torch.Tensor:
+    def hardest(self, model, advs: list[torch.Tensor], y, amp_dtype) -> torch.Tensor:
         """Per sample, the adversarial input with the highest loss (chosen without gradients,
         under the attack's BatchNorm mode)."""
         with torch.no_grad(), attack_mode(model, self.bn_mode), _autocast(y.device, amp_dtype):

@@ -1,0 +1,112 @@
+"""Spatial threat model: a per-pixel flow field moves pixels instead of changing their values
+(stAdv, Xiao et al. 2018), searched with first-order steps as in the CAT paper (§2.1, which
+replaces stAdv's L-BFGS with gradient steps so it runs on GPUs).
+
+Unit of the budget: the flow lives in ``grid_sample``'s normalised coordinates, where the
+image spans [-1, 1] in each direction, so a bound ``eps`` lets a pixel move by at most
+``eps·(W-1)/2`` pixels horizontally and ``eps·(H-1)/2`` vertically (0.025 on 32×32 images:
+0.39 px). The CAT paper sweeps 0.025–0.1 and uses 0.025 in CAT. ``at.spatial.tau`` weights
+stAdv's flow-smoothness loss, subtracted from the inner objective; ``at.spatial.optimizer``
+picks gradient-sign or Adam steps.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from bdat_ray.threats.base import ThreatModel, in_unit_box, uniform
+
+
+def identity_grid(height: int, width: int, like: torch.Tensor) -> torch.Tensor:
+    """(1, H, W, 2) sampling grid that reproduces the image (x, y order, normalised)."""
+    from kornia.geometry import create_meshgrid
+
+    return create_meshgrid(
+        height, width, normalized_coordinates=True, device=like.device, dtype=like.dtype
+    )
+
+
+def warp(x: torch.Tensor, flow: torch.Tensor) -> torch.Tensor:
+    """Bilinear resampling of ``x`` at identity + ``flow`` ((N, 2, H, W), normalised units);
+    border padding so edge pixels are repeated, never replaced by black."""
+    grid = identity_grid(*x.shape[-2:], x) + flow.permute(0, 2, 3, 1)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=True)
+
+
+def flow_smoothness(flow: torch.Tensor) -> torch.Tensor:
+    """stAdv's L_flow per sample: Σ over neighbouring pixel pairs of sqrt(|Δu|² + |Δv|² + ε)."""
+    dx = flow[:, :, :, 1:] - flow[:, :, :, :-1]
+    dy = flow[:, :, 1:, :] - flow[:, :, :-1, :]
+    return (dx.pow(2).sum(1) + 1e-8).sqrt().flatten(1).sum(1) + (
+        dy.pow(2).sum(1) + 1e-8
+    ).sqrt().flatten(1).sum(1)
+
+
+class SpatialFlow(ThreatModel):
+    name = "spatial"
+    unit = "normalised grid units, L-inf on the flow"
+    default_eps = 0.025  # CAT paper: spatial AT and the spatial half of CAT
+
+    def __init__(
+        self,
+        eps: float,
+        steps: int = 10,
+        step_size: float | None = None,
+        random_start: bool = True,
+        tau: float = 0.0,
+        optimizer: str = "sign",
+    ):
+        super().__init__(eps, steps, step_size, random_start)
+        self.tau = tau
+        self.optimizer = optimizer
+
+    @classmethod
+    def from_config(cls, component, section, *, random_start: bool, model=None) -> ThreatModel:
+        eps = component.eps if component.eps is not None else cls.default_eps
+        return cls(
+            eps, component.steps, component.step_size, random_start, section.tau, section.optimizer
+        )
+
+    def init(self, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        shape = torch.Size((x.shape[0], 2, *x.shape[-2:]))
+        if not self.random_start:
+            return torch.zeros(shape, device=x.device, dtype=x.dtype)
+        return self.eps * uniform(shape, generator, x.device)
+
+    def apply(self, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        return warp(x, delta)
+
+    def ascend(self, x, delta, grad, memory: dict[str, Any]) -> torch.Tensor:
+        if self.optimizer == "sign":
+            return delta + self.step_size * grad.sign()
+        # Adam (β = 0.9, 0.999) ascent on the flow, moments kept for this attack only.
+        t = memory["step"] + 1
+        m = memory["adam_m"] = 0.9 * memory.get("adam_m", torch.zeros_like(grad)) + 0.1 * grad
+        v = memory["adam_v"] = (
+            0.999 * memory.get("adam_v", torch.zeros_like(grad)) + 0.001 * grad**2
+        )
+        m_hat, v_hat = m / (1 - 0.9**t), v / (1 - 0.999**t)
+        return delta + self.step_size * m_hat / (v_hat.sqrt() + 1e-8)
+
+    def project(self, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        return delta.clamp(-self.eps, self.eps)
+
+    def penalty(self, x, x_adv, delta, memory: dict[str, Any]) -> torch.Tensor | float:
+        return self.tau * flow_smoothness(delta) if self.tau else 0.0
+
+    def contains(self, x, x_adv, atol: float = 1e-5, model=None) -> torch.Tensor:
+        """A flow bounded by ``eps`` samples each output pixel bilinearly from input pixels at
+        most ``floor(eps·(side-1)/2) + 1`` pixels away, so every output value must lie between
+        the min and max of the input over that window (per channel). A necessary condition —
+        the flow itself is not recoverable from the image."""
+        h, w = x.shape[-2:]
+        ry, rx = (math.floor(self.eps * (side - 1) / 2 + 1e-9) + 1 for side in (h, w))
+        kernel, pad = (2 * ry + 1, 2 * rx + 1), (ry, rx)
+        hi = F.max_pool2d(x, kernel, stride=1, padding=pad)
+        lo = -F.max_pool2d(-x, kernel, stride=1, padding=pad)
+        inside = ((x_adv >= lo - atol) & (x_adv <= hi + atol)).flatten(1).all(1)
+        return inside & in_unit_box(x_adv, atol)
