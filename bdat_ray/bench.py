@@ -26,7 +26,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from bdat_ray.cli import Parser, keys_epilog, main_guard
+from bdat_ray.cli import config_parser, main_guard
 from bdat_ray.config import build_config
 
 
@@ -141,13 +141,7 @@ def naive(prep, model, pgd_steps: int, adversarial: bool, workers: int) -> Calla
 
 
 def parser() -> argparse.ArgumentParser:
-    p = Parser(
-        prog="python -m bdat_ray.bench",
-        description=__doc__.split("\n\n")[0],
-        epilog=keys_epilog(),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    p = config_parser("python -m bdat_ray.bench", __doc__.split("\n\n")[0])
     p.add_argument("--iters", type=int, default=20, help="timed steps per measurement")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps before timing")
     p.add_argument("--pgd-steps", type=int, default=10, help="k of the PGD-k AT step")

@@ -32,6 +32,19 @@ def keys_epilog() -> str:
     )
 
 
+def config_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    """The parser every config-driven command starts from: positional ``KEY=VALUE``
+    overrides, and --help listing every key with its default and unit."""
+    parser = Parser(
+        prog=prog,
+        description=description,
+        epilog=keys_epilog(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="configuration overrides")
+    return parser
+
+
 def main_guard(main: Callable[[list[str] | None], int]) -> Callable[[list[str] | None], int]:
     """Wrap a CLI ``main``: `ConfigError` -> ``error: KEY: ...`` and exit 2."""
 

@@ -55,27 +55,29 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def build_threat(component: Component, cfg: Config, model: nn.Module | None = None) -> ThreatModel:
-    """A threat model from its resolved component and its ``at.<name>`` section."""
-    cls = THREATS[component.threat]
+def build_threat(component: Component, cfg: Config, *, random_start: bool) -> ThreatModel:
+    """A threat model from its resolved component and its ``at.<name>`` section (where the
+    threat's own knobs live, e.g. ``at.spatial.tau``)."""
     section = getattr(cfg.at, component.threat)
-    return cls.from_config(component, section, random_start=cfg.at.random_start, model=model)
+    return THREATS[component.threat].from_config(component, section, random_start=random_start)
 
 
-def build_objective(cfg: Config, model: nn.Module) -> StandardTraining | AdversarialTraining:
+def build_objective(cfg: Config) -> StandardTraining | AdversarialTraining:
     components = at_components(cfg.at)
     if not components:
         return StandardTraining()
-    threats = [(build_threat(c, cfg, model), c.weight) for c in components]
+    threats = [
+        (build_threat(c, cfg, random_start=cfg.at.random_start), c.weight) for c in components
+    ]
     return AdversarialTraining(threats, mix=cfg.at.mix, bn_mode=cfg.at.bn_mode)
 
 
-def eval_threat(cfg: Config, model: nn.Module | None = None) -> ThreatModel:
+def eval_threat(cfg: Config) -> ThreatModel:
     """The fixed evaluation attack behind ``robust_acc`` (PGD-20 L-inf 8/255 by default)."""
     e = cfg.eval
-    component = Component(e.threat, e.eps, e.steps, e.step_size, 1.0)
-    cls = THREATS[e.threat]
-    return cls.from_config(component, getattr(cfg.at, e.threat), random_start=True, model=model)
+    return build_threat(
+        Component(e.threat, e.eps, e.steps, e.step_size, 1.0), cfg, random_start=True
+    )
 
 
 def _resolved_threat_keys(cfg: Config, objective) -> dict[str, Any]:
@@ -139,7 +141,7 @@ def prepare(cfg: Config, data: ImageData | None = None) -> Prepared:
     model = model.to(device, memory_format=memory_format)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    objective = build_objective(cfg, model)
+    objective = build_objective(cfg)
     resolved: dict[str, Any] = {
         "device": str(device),
         "train.amp": amp,
@@ -212,7 +214,7 @@ def evaluate_robust(prep: Prepared, progress: bool = False) -> float | None:
         return None
     p = prep.poisoned
     generator = torch.Generator(prep.device).manual_seed(prep.cfg.train.seed + 2)
-    threat = eval_threat(prep.cfg, prep.model)
+    threat = eval_threat(prep.cfg)
     bar = _progress_bar(progress, n, f"robust_acc ({threat.name} PGD-{threat.steps})")
     try:
         return robust_accuracy(

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from bdat_ray.backdoors import PoisonedData
-from bdat_ray.cli import Parser, keys_epilog, main_guard
+from bdat_ray.cli import config_parser, main_guard
 from bdat_ray.config import ConfigError
 from bdat_ray.data.dataset import ImageData
 
@@ -86,13 +86,7 @@ def panel_title(cfg_flat: dict, poisoned: PoisonedData, n_train: int) -> str:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = Parser(
-        prog="python -m bdat_ray.gallery",
-        description=__doc__.split("\n\n")[0],
-        epilog=keys_epilog(),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    p = config_parser("python -m bdat_ray.gallery", __doc__.split("\n\n")[0])
     p.add_argument("--attacks", help="comma-separated attack names (default: all)")
     p.add_argument("--out", type=Path, default=Path("gallery.png"))
     p.add_argument("--n", type=int, default=6, help="images per attack")

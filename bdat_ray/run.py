@@ -15,20 +15,17 @@ import json
 import sys
 from pathlib import Path
 
-from bdat_ray.cli import Parser, keys_epilog, main_guard
+from bdat_ray.cli import config_parser, main_guard
 from bdat_ray.config import build_config
 
 
 def parser() -> argparse.ArgumentParser:
-    p = Parser(
-        prog="python -m bdat_ray.run",
-        description="Train one model on backdoor-poisoned data, optionally adversarially, and "
-        "report clean accuracy (acc), attack success rate (asr) and robust accuracy (robust_acc), "
-        "all in percent.",
-        epilog=keys_epilog(),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+    p = config_parser(
+        "python -m bdat_ray.run",
+        "Train one model on backdoor-poisoned data, optionally adversarially, and report clean "
+        "accuracy (acc), attack success rate (asr) and robust accuracy (robust_acc), all in "
+        "percent.",
     )
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="configuration overrides")
     p.add_argument("--config", type=Path, help="YAML file of keys (nested or dotted)")
     p.add_argument("--output", type=Path, help="also write the result JSON here")
     p.add_argument(

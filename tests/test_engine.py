@@ -110,3 +110,23 @@ def test_adversarial_run_reports_clean_and_adversarial_bookkeeping():
 def test_divergence_is_reported_as_such():
     with pytest.raises(TrainingDiverged):
         fit(from_flat({**FAST, "train.lr": 1e30, "train.epochs": 1}))
+
+
+def test_wanet_redraw_changes_the_training_set_between_epochs(monkeypatch):
+    import bdat_ray.engine as engine
+
+    seen = []
+    original = engine.redraw_poison
+
+    def spy(prep, epoch):
+        before = prep.poisoned.data.y_train.clone()
+        original(prep, epoch)
+        seen.append((epoch, not torch.equal(before, prep.poisoned.data.y_train)))
+
+    monkeypatch.setattr(engine, "redraw_poison", spy)
+    cfg = from_flat(
+        {**FAST, "train.epochs": 3, "attack.name": "wanet", "attack.wanet.redraw": "true"}
+    )
+    result = fit(cfg)
+    assert seen == [(2, True), (3, True)]
+    assert math.isfinite(result.acc)

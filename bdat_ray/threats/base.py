@@ -39,13 +39,16 @@ class ThreatModel:
         self.random_start = random_start
 
     @classmethod
-    def from_config(
-        cls, component: Any, section: Any, *, random_start: bool, model: Any = None
-    ) -> ThreatModel:
-        """Build from a resolved `bdat_ray.config.Component` and the ``at.<name>`` section
-        (subclasses with extra knobs read them from ``section``)."""
+    def from_config(cls, component: Any, section: Any, *, random_start: bool) -> ThreatModel:
+        """Build from a resolved `bdat_ray.config.Component` (budget, steps, step size) and
+        the threat's ``at.<name>`` section, whose extra knobs `knobs` picks out."""
         eps = component.eps if component.eps is not None else cls.default_eps
-        return cls(eps, component.steps, component.step_size, random_start)
+        return cls(eps, component.steps, component.step_size, random_start, **cls.knobs(section))
+
+    @classmethod
+    def knobs(cls, section: Any) -> dict[str, Any]:
+        """Threat-specific constructor arguments from the ``at.<name>`` section."""
+        return {}
 
     # -- the five operations the attack loop needs ---------------------------------------------
 

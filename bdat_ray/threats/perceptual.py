@@ -98,18 +98,13 @@ class PerceptualLPA(PixelOffset):
         self.imagenet = ImageNetFeatures(network) if network != "self" else None
 
     @classmethod
-    def from_config(cls, component, section, *, random_start: bool, model=None):
-        eps = component.eps if component.eps is not None else cls.default_eps
-        return cls(
-            eps,
-            component.steps,
-            component.step_size,
-            random_start,
-            section.network,
-            section.lagrange,
-            section.lagrange_growth,
-            section.projection_steps,
-        )
+    def knobs(cls, section) -> dict[str, Any]:
+        return {
+            "network": section.network,
+            "lagrange": section.lagrange,
+            "lagrange_growth": section.lagrange_growth,
+            "projection_steps": section.projection_steps,
+        }
 
     # -- distance ----------------------------------------------------------------------------
 

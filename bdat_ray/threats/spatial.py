@@ -65,11 +65,8 @@ class SpatialFlow(ThreatModel):
         self.optimizer = optimizer
 
     @classmethod
-    def from_config(cls, component, section, *, random_start: bool, model=None) -> ThreatModel:
-        eps = component.eps if component.eps is not None else cls.default_eps
-        return cls(
-            eps, component.steps, component.step_size, random_start, section.tau, section.optimizer
-        )
+    def knobs(cls, section) -> dict[str, Any]:
+        return {"tau": section.tau, "optimizer": section.optimizer}
 
     def init(self, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         shape = torch.Size((x.shape[0], 2, *x.shape[-2:]))
