@@ -1,0 +1,593 @@
+"""``python -m bdat_ray.sweep``: a search space of poisoned-data training runs under Ray Tune.
+
+    python -m bdat_ray.sweep                                   # search_spaces/quickstart.yaml
+    python -m bdat_ray.sweep --space search_spaces/cat_fig2.yaml --gpus-per-trial 0.25
+    python -m bdat_ray.sweep --dry-run --space search_spaces/composite_pareto.yaml
+    python -m bdat_ray.sweep train.epochs=2                    # KEY=VALUE pins a key everywhere
+    python -m bdat_ray.sweep --resume                          # continue the latest sweep
+
+A grid space runs as Tune's grid search; any sampled dimension makes it an Optuna
+multi-objective search (`trainable.FinalOnlyOptunaSearch`) whose study lives in
+``STORAGE/SWEEP_ID/optuna.db``. Every trial is an MLflow child run of the sweep's parent run
+(`tracking`). Progress goes to stderr; the Pareto table and where to look next to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from bdat_ray.cli import config_parser, main_guard
+from bdat_ray.config import ConfigError, from_flat, parse_overrides
+from bdat_ray.search_space import (
+    GRID,
+    SearchSpace,
+    describe_trial,
+    load_space,
+    pareto_front,
+    show_value,
+)
+
+SPACES_DIR = Path(__file__).resolve().parents[1] / "search_spaces"
+DEFAULT_SPACE = SPACES_DIR / "quickstart.yaml"
+DEFAULT_STORAGE = "bdat_results"
+RECORD = "sweep.json"
+#: Retries of a trial from its last checkpoint (lost node, preempted spot instance, ...).
+#: Divergence and bad configs are not retried: the trial stops at once (tracking.py).
+MAX_FAILURES = 2
+#: Keys that describe the attacker's data rather than a defence choice: the Pareto front is
+#: drawn separately for each of their combinations (no defence can choose the attack).
+ENVIRONMENT_PREFIXES = ("attack.", "data.")
+OUTCOMES = ("finished", "failed", "stopped", "unfinished")
+NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = config_parser(
+        "python -m bdat_ray.sweep",
+        "Sweep adversarial training against backdoor-poisoned data: Ray Tune runs the trials, "
+        "Optuna searches the acc/asr Pareto front of sampled spaces, MLflow records every "
+        "trial and model. KEY=VALUE pins a run key in every trial (search space files: "
+        "docs/sweep.md).",
+    )
+    p.add_argument(
+        "--space",
+        type=Path,
+        metavar="FILE",
+        help=f"search space YAML (default {DEFAULT_SPACE.name})",
+    )
+    p.add_argument("--name", help="sweep name: MLflow experiment (default: the space's name)")
+    p.add_argument(
+        "--num-samples", type=int, metavar="N", help="Optuna trials, or grid repeats (seeds)"
+    )
+    p.add_argument(
+        "--gpus-per-trial", type=float, metavar="G", help="GPUs per trial, fractions share one"
+    )
+    p.add_argument("--cpus-per-trial", type=float, metavar="C", help="CPU cores per trial")
+    p.add_argument("--max-concurrent", type=int, metavar="K", help="trials in flight at once")
+    p.add_argument(
+        "--mlflow-uri",
+        metavar="URI",
+        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)",
+    )
+    p.add_argument(
+        "--storage",
+        type=Path,
+        metavar="PATH",
+        default=Path(DEFAULT_STORAGE),
+        help=f"results and checkpoints (default ./{DEFAULT_STORAGE}; shared storage on a cluster)",
+    )
+    p.add_argument("--resume", action="store_true", help="continue the latest interrupted sweep")
+    p.add_argument(
+        "--dry-run", action="store_true", help="validate; print the trial count and resources"
+    )
+    return p
+
+
+# ---------------------------------------------------------------------------------------------
+# The plan: a validated space plus where its results go.
+
+
+def plan_text(space: SearchSpace, name: str) -> str:
+    count = space.trial_count
+    if space.mode == GRID:
+        search = f"Tune grid search over {count} trials (no Optuna)"
+        if space.samples > 1:
+            search += (
+                f": every combination {space.samples}× with train.seed + 0..{space.samples - 1}"
+            )
+    else:
+        search = f"Optuna multi-objective search (TPE, seed {space.seed}), {count} trials"
+    goals = ", ".join(
+        f"{m} {'↑' if mode == 'max' else '↓'}" for m, mode in space.objectives.items()
+    )
+    limit = space.concurrency
+    lines = [
+        f"space      {space.path}"
+        + (f" — {space.description.splitlines()[0]}" if space.description else ""),
+        f"sweep      {name}",
+        f"search     {search}",
+        f"objectives {goals}",
+        f"resources  {space.cpus:g} CPU + {space.gpus:g} GPU per trial; "
+        + (f"at most {limit} at once" if limit else "as many at once as resources allow"),
+    ]
+    if space.early_stopping:
+        rule = space.early_stopping
+        lines.append(
+            f"stopping   ASHA on {rule.metric} ({rule.mode}), grace {rule.grace_period} epochs, "
+            f"factor {rule.reduction_factor:g}; stopped trials never enter the front"
+        )
+    if space.overrides:
+        lines.append("pinned     " + ", ".join(f"{k}={v}" for k, v in space.overrides.items()))
+    for i, dim in enumerate(space.dimensions):
+        lines.append(("dimensions " if i == 0 else " " * 11) + f"{dim.key}: {dim.describe()}")
+    for i, variant in enumerate(space.variants):
+        changes = [f"{k}={show_value(v)}" for k, v in variant.fixed.items()]
+        changes += [f"{d.key}: {d.describe()}" for d in variant.dimensions]
+        lines.append(
+            ("variants   " if i == 0 else " " * 11) + f"{variant.name}: " + "; ".join(changes)
+        )
+    return "\n".join(lines)
+
+
+def grid_listing(space: SearchSpace, limit: int = 40) -> str:
+    """One line per trial: what it trains, and the swept values that differ from the most
+    common one (the baseline, for variant spaces)."""
+    points = space.grid_points()
+    usual = {
+        key: Counter(repr(p.get(key)) for p in points).most_common(1)[0][0]
+        for key in varying_keys(points)
+    }
+    lines = []
+    for i, point in enumerate(points[:limit]):
+        what = describe_trial(point)
+        values = ", ".join(
+            f"{k}={show_value(point[k])}"
+            for k in usual
+            if k in point and repr(point[k]) != usual[k]
+        )
+        lines.append(
+            f"  {i + 1:3d}  {what['attack']} · {what['threat']} {what['budgets']}  [{values}]"
+        )
+    if len(points) > limit:
+        lines.append(f"  ... and {len(points) - limit} more")
+    return "\n".join(lines)
+
+
+def varying_keys(configs: list[dict[str, Any]]) -> list[str]:
+    """Keys whose value differs between some of the configs (missing counts as a value)."""
+    keys = dict.fromkeys(k for c in configs for k in c)
+    return [k for k in keys if len({repr(c.get(k)) for c in configs}) > 1]
+
+
+def _check_name(name: str) -> str:
+    if not name or not set(name) <= NAME_CHARS or name[0] in "._-":
+        raise ConfigError("--name", f"use letters, digits, '.', '_' and '-'; got {name!r}")
+    return name
+
+
+def find_sweep(storage: Path, name: str | None) -> Path:
+    """The most recent sweep in ``storage`` (of sweep name or id ``name`` when given)."""
+    records = []
+    for path in storage.glob(f"*/{RECORD}"):
+        record = json.loads(path.read_text())
+        if name in (None, record["name"], record["sweep_id"]):
+            records.append((record["created"], path.parent))
+    if not records:
+        which = f" named {name}" if name else ""
+        raise ConfigError("--resume", f"no sweep{which} in {storage}")
+    return max(records)[1]
+
+
+# ---------------------------------------------------------------------------------------------
+# Running.
+
+
+def _quiet_libraries() -> None:
+    """Keep the terminal to our progress lines: library INFO chatter goes, warnings stay."""
+    for name in ("mlflow", "alembic", "ray", "optuna"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    # Tune logs a full traceback for every failed trial; our progress line names the reason,
+    # and the traceback stays in the trial's error.txt and in MLflow.
+    # The closing "Trials did not complete" error repeats our FAILED lines and summary.
+    for name in ("ray.tune.execution.tune_controller", "ray.tune.tune"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+
+
+def _shared_data(space: SearchSpace) -> Any:
+    """The clean dataset, loaded once here and shared through Ray's object store, unless
+    trials differ in ``data.*`` keys (then every trial loads its own)."""
+    if space.mode == GRID:
+        points = space.grid_points()
+        if any(k.startswith("data.") for k in varying_keys(points)):
+            return None
+        data_config = from_flat(points[0]).data
+    else:
+        if any(d.key.startswith("data.") for d in space.dimensions):
+            return None
+        data_config = from_flat(space.fixed).data
+    from bdat_ray.data import load_dataset
+
+    return load_dataset(data_config)
+
+
+def _max_epochs(space: SearchSpace) -> int:
+    if space.mode == GRID:
+        return max(space.value("train.epochs", p) for p in space.grid_points())
+    dim = next((d for d in space.dimensions if d.key == "train.epochs"), None)
+    if dim is None:
+        return space.value("train.epochs")
+    return max(dim.values) if dim.discrete else int(dim.high)
+
+
+def _start_ray() -> None:
+    import ray
+
+    address = os.environ.get("RAY_ADDRESS")
+    if address:  # a running cluster (ray up / ray start): connect to it
+        ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
+        return
+    # A local instance: no dashboard (nothing listening beyond Ray's own token-protected
+    # ports); trial output stays in Ray's log files, progress comes from SweepProgress.
+    ray.init(include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
+
+
+def _build_tuner(space: SearchSpace, record: dict[str, Any], trainable: Any, callback: Any):
+    from ray import tune
+
+    from bdat_ray.trainable import GRID_POINT, FinalOnlyOptunaSearch, trial_name
+
+    searcher = scheduler = None
+    param_space: dict[str, Any] = {}
+    if space.mode == GRID:
+        param_space = {GRID_POINT: tune.grid_search(space.grid_points())}
+    else:
+        import optuna
+        from ray.tune.search import ConcurrencyLimiter
+
+        from bdat_ray.search_space import OptunaSpace
+
+        searcher = ConcurrencyLimiter(
+            FinalOnlyOptunaSearch(
+                space=OptunaSpace(space),
+                metric=list(space.objectives),
+                mode=list(space.objectives.values()),
+                storage=optuna.storages.RDBStorage(f"sqlite:///{record['optuna_storage']}"),
+                study_name=record["sweep_id"],
+                seed=space.seed,
+            ),
+            max_concurrent=space.concurrency,
+        )
+    if space.early_stopping:
+        from ray.tune.schedulers import ASHAScheduler
+
+        rule = space.early_stopping
+        scheduler = ASHAScheduler(
+            time_attr="epoch",
+            metric=rule.metric,
+            mode=rule.mode,
+            # Past the last epoch, so ASHA never stops a trial before its final evaluation.
+            max_t=_max_epochs(space) + 1,
+            grace_period=rule.grace_period,
+            reduction_factor=rule.reduction_factor,
+        )
+    return tune.Tuner(
+        trainable,
+        param_space=param_space,
+        tune_config=tune.TuneConfig(
+            search_alg=searcher,
+            scheduler=scheduler,
+            num_samples=1 if space.mode == GRID else space.samples,
+            max_concurrent_trials=space.concurrency if space.mode == GRID else None,
+            trial_name_creator=trial_name,
+            trial_dirname_creator=trial_name,
+        ),
+        run_config=tune.RunConfig(
+            name=record["sweep_id"],
+            storage_path=record["storage"],
+            failure_config=tune.FailureConfig(max_failures=MAX_FAILURES),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+            callbacks=[callback],
+            verbose=0,
+        ),
+    )
+
+
+def _new_sweep(args: argparse.Namespace, storage: Path) -> tuple[SearchSpace, dict[str, Any]]:
+    overrides = parse_overrides(args.overrides)
+    space = load_space(args.space or DEFAULT_SPACE)
+    space = space.with_overrides(overrides).with_settings(
+        num_samples=args.num_samples,
+        max_concurrent=args.max_concurrent,
+        cpus=args.cpus_per_trial,
+        gpus=args.gpus_per_trial,
+    )
+    name = _check_name(args.name or space.name)
+    record = {
+        "name": name,
+        "space": str(Path(space.path).resolve()),
+        "overrides": overrides,
+        "settings": {
+            "num_samples": space.num_samples,
+            "max_concurrent": space.max_concurrent,
+            "cpus": space.cpus,
+            "gpus": space.gpus,
+        },
+        "storage": str(storage),
+    }
+    return space, record
+
+
+def _resumed_sweep(args: argparse.Namespace, storage: Path) -> tuple[SearchSpace, dict[str, Any]]:
+    given = [
+        flag
+        for flag, value in (
+            ("KEY=VALUE", args.overrides),
+            ("--num-samples", args.num_samples),
+            ("--gpus-per-trial", args.gpus_per_trial),
+            ("--cpus-per-trial", args.cpus_per_trial),
+            ("--max-concurrent", args.max_concurrent),
+        )
+        if value
+    ]
+    if given:
+        raise ConfigError("--resume", f"continues with the sweep's own settings; drop {given[0]}")
+    sweep_dir = find_sweep(storage, args.name or (args.space and args.space.stem))
+    record = json.loads((sweep_dir / RECORD).read_text())
+    record["storage"] = str(storage)  # the folder may have moved since
+    space = load_space(sweep_dir / "space.yaml").with_overrides(record["overrides"])
+    return space.with_settings(**record["settings"]), record
+
+
+@main_guard
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    storage = args.storage.expanduser().resolve()
+    space, record = _resumed_sweep(args, storage) if args.resume else _new_sweep(args, storage)
+    print(plan_text(space, record.get("sweep_id", record["name"])), flush=True)
+    if args.dry_run:
+        if space.mode == GRID:
+            print(grid_listing(space))
+        print(f"{space.trial_count} trials, {space.cpus:g} CPU + {space.gpus:g} GPU each")
+        return 0
+    return run_sweep(space, record, args.mlflow_uri, resume=args.resume)
+
+
+def run_sweep(
+    space: SearchSpace, record: dict[str, Any], mlflow_uri: str | None, *, resume: bool
+) -> int:
+    # Snapshot the experiment state every second (default: ≥ 10 s), so a killed driver
+    # loses no finished trial: without it, restore re-runs trials that ended since.
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    # Tune's newer console output prints its banners whatever the verbosity; the classic one
+    # is silent at verbose=0 and SweepProgress prints the lines people read.
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    _quiet_libraries()
+    from bdat_ray import tracking
+
+    uri = tracking.resolve_tracking_uri(mlflow_uri)
+    data = _shared_data(space)  # a missing dataset fails here, before Ray or MLflow start
+    storage = Path(record["storage"])
+    if resume:
+        sweep_dir = storage / record["sweep_id"]
+        sweep = tracking.reopen_sweep(uri, record["parent_run_id"], record["sweep_id"])
+        print(f"resuming   {sweep_dir}", flush=True)
+    else:
+        record["sweep_id"] = f"{record['name']}-{time.strftime('%Y%m%d-%H%M%S')}"
+        sweep_dir = storage / record["sweep_id"]
+        sweep_dir.mkdir(parents=True)
+        shutil.copyfile(space.path, sweep_dir / "space.yaml")
+        record["optuna_storage"] = str(sweep_dir / "optuna.db") if space.mode != GRID else None
+        sweep = tracking.start_sweep(
+            uri,
+            experiment=record["name"],
+            sweep_id=record["sweep_id"],
+            space_file=Path(space.path),
+            params={
+                "space": Path(space.path).name,
+                "search": space.mode,
+                "trials": space.trial_count,
+                "num_samples": space.samples,
+                "max_concurrent": space.concurrency,
+                "cpus_per_trial": space.cpus,
+                "gpus_per_trial": space.gpus,
+                "objectives": ",".join(f"{k}:{v}" for k, v in space.objectives.items()),
+                "early_stopping": space.early_stopping,
+                "sampler_seed": space.seed if space.mode != GRID else None,
+                "overrides": " ".join(f"{k}={v}" for k, v in record["overrides"].items()),
+            },
+            tags={
+                "bdat_ray.ray_experiment_dir": str(sweep_dir),
+                "bdat_ray.optuna_storage": record["optuna_storage"] or "",
+                "bdat_ray.optuna_study": record["sweep_id"] if record["optuna_storage"] else "",
+            },
+        )
+        record |= {
+            "parent_run_id": sweep.parent_run_id,
+            "experiment_id": sweep.experiment_id,
+            "tracking_uri": tracking.redact(uri),
+            "mode": space.mode,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        }
+        (sweep_dir / RECORD).write_text(json.dumps(record, indent=2))
+    print(f"sweep id   {record['sweep_id']}  (MLflow {tracking.redact(uri)})", flush=True)
+
+    import ray
+    from ray import tune
+
+    from bdat_ray.trainable import SweepProgress, TrialSettings, run_trial
+
+    started = time.perf_counter()
+    _start_ray()
+    try:
+        if space.gpus and ray.cluster_resources().get("GPU", 0) < space.gpus:
+            print(
+                f"warning: the Ray cluster has no free GPU for {space.gpus:g} per trial yet; "
+                "trials wait until one joins (autoscaler) — Ctrl-C to stop",
+                file=sys.stderr,
+            )
+        settings = TrialSettings(
+            tracking=sweep, cpus=space.cpus, gpus=space.gpus, results_dir=str(sweep_dir)
+        )
+        trainable = tune.with_resources(
+            tune.with_parameters(run_trial, settings=settings, data=data),
+            {"cpu": space.cpus, "gpu": space.gpus},
+        )
+        if resume:
+            tuner = tune.Tuner.restore(
+                str(sweep_dir), trainable, resume_unfinished=True, resume_errored=False
+            )
+        else:
+            tuner = _build_tuner(space, record, trainable, SweepProgress(sweep, space.trial_count))
+        tuner.fit()
+    finally:
+        ray.shutdown()
+    if record.get("optuna_storage"):
+        _close_orphan_study_trials(record)
+    return _report(space, record, sweep, time.perf_counter() - started, uri)
+
+
+def _close_orphan_study_trials(record: dict[str, Any]) -> None:
+    """A driver killed between asking Optuna and saving its state leaves study trials
+    RUNNING forever (the restored searcher asks again); they are marked FAIL."""
+    import optuna
+
+    study = optuna.load_study(
+        study_name=record["sweep_id"], storage=f"sqlite:///{record['optuna_storage']}"
+    )
+    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
+
+
+# ---------------------------------------------------------------------------------------------
+# The end: Pareto table, registry, where to look next.
+
+
+def trial_rows(space: SearchSpace, sweep_dir: Path) -> list[dict[str, Any]]:
+    """One row per Ray trial from the experiment's saved state: outcome, metrics, and what
+    it trained (attack, threat model, budgets). Outcomes: finished (reported ``final``),
+    failed, stopped (early, by the scheduler) and unfinished (an interrupted sweep)."""
+    from ray.tune import ExperimentAnalysis
+
+    from bdat_ray.trainable import trial_overrides
+
+    trials = ExperimentAnalysis(str(sweep_dir)).trials
+    flats = [trial_overrides(t.config) for t in trials]
+    environment = [k for k in varying_keys(flats) if k.startswith(ENVIRONMENT_PREFIXES)]
+    rows = []
+    for trial, flat in zip(trials, flats, strict=True):
+        last = trial.last_result or {}
+        if trial.status == "ERROR":
+            outcome = "failed"
+        elif trial.status == "TERMINATED":
+            outcome = "finished" if last.get("final") else "stopped"
+        else:
+            outcome = "unfinished"
+        rows.append(
+            {
+                "trial": trial.trial_id,
+                "outcome": outcome,
+                "group": ", ".join(f"{k}={flat.get(k)}" for k in environment),
+                "run_id": last.get("mlflow_run_id"),
+                **describe_trial(flat),
+                **{m: last.get(m) for m in ("acc", "asr", "robust_acc", "seconds")},
+            }
+        )
+    return rows
+
+
+def pareto_rows(space: SearchSpace, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The finished trials on the Pareto front of the space's objectives, drawn per
+    environment group (combination of swept attack/data keys)."""
+    front = []
+    for group in sorted({r["group"] for r in rows}):
+        members = [r for r in rows if r["group"] == group and r["outcome"] == "finished"]
+        front += [members[i] for i in pareto_front(members, space.objectives)]
+    first, mode = next(iter(space.objectives.items()))
+    return sorted(front, key=lambda r: (r["group"], -r[first] if mode == "max" else r[first]))
+
+
+def _fmt(value: Any) -> str:
+    return "n/a" if value is None else f"{value:.1f}"
+
+
+def pareto_table(front: list[dict[str, Any]]) -> str:
+    header = ["trial", "attack", "threat model", "budgets", "acc", "asr", "robust_acc"]
+    body = [
+        [r["trial"], r["attack"], r["threat"], r["budgets"]]
+        + [_fmt(r[m]) for m in ("acc", "asr", "robust_acc")]
+        for r in front
+    ]
+    widths = [max(map(len, column)) for column in zip(header, *body, strict=True)]
+    lines = [
+        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in [header, *body]
+    ]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _report(
+    space: SearchSpace, record: dict[str, Any], sweep: Any, seconds: float, uri: str
+) -> int:
+    from bdat_ray import tracking
+
+    sweep_dir = Path(record["storage"]) / record["sweep_id"]
+    rows = trial_rows(space, sweep_dir)
+    front = pareto_rows(space, rows)
+    count = {o: sum(r["outcome"] == o for r in rows) for o in OUTCOMES}
+    interrupted = count["unfinished"] > 0 or len(rows) < space.trial_count
+    model_name = f"{record['name']}-pareto"
+    versions = tracking.register_models(
+        sweep,
+        model_name,
+        [
+            (r["run_id"], {"sweep_id": record["sweep_id"], "ray_trial_id": r["trial"]})
+            for r in front
+            if r["run_id"]
+        ],
+    )
+    table = pareto_table(front)
+    tracking.end_sweep(
+        sweep,
+        status="KILLED" if interrupted else "FINISHED" if count["finished"] else "FAILED",
+        metrics={f"trials_{o}": n for o, n in count.items()}
+        | {"pareto_size": len(front), "sweep_seconds": seconds},
+        files={"pareto.md": table + "\n", "pareto.json": json.dumps(front, indent=2)},
+    )
+    summary = ", ".join(f"{n} {o}" for o, n in count.items() if n)
+    print(f"\n{summary} of {space.trial_count} trials; this run took {seconds:.0f} s")
+    goals = ", ".join(f"{m} {mode}" for m, mode in space.objectives.items())
+    per = " — one front per attack setting" if any(r["group"] for r in rows) else ""
+    print(f"Pareto front ({goals}{per}):")
+    print(table)
+    print()
+    print(f"MLflow     {tracking.browse_hint(uri)}")
+    print(f"           experiment {record['name']}, parent run {record['sweep_id']}")
+    if versions:
+        print(f"models     registered as {model_name}, versions {', '.join(versions)}")
+    print(f"results    {sweep_dir}")
+    if record.get("optuna_storage"):
+        print(
+            f"optuna     optuna.load_study(study_name='{record['sweep_id']}', "
+            f"storage='sqlite:///{record['optuna_storage']}').best_trials"
+        )
+    if interrupted:
+        print(
+            f"resume     python -m bdat_ray.sweep --resume --name {record['sweep_id']} "
+            f"--storage {record['storage']}"
+        )
+    return 0 if count["finished"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,261 @@
+"""The Ray Tune adapter (with sweep.py, the only Ray importer).
+
+- `run_trial`: one trial is one `engine.fit` run. It reports every epoch to Tune with the
+  engine's checkpoint, continues from `tune.get_checkpoint()` when Tune restarts it (a retry
+  after a failure, or ``--resume``), writes its own MLflow child run (`tracking.TrialRun`), and
+  ends with a report carrying ``final: True``.
+- `FinalOnlyOptunaSearch`: Ray tells Optuna a trial stopped early by a scheduler is COMPLETE
+  with its partial metrics; here only a ``final`` result is COMPLETE, others are PRUNED, so a
+  half-trained model never enters the study's Pareto front.
+- `SweepProgress`: one readable line per trial event, and the MLflow outcome of trials that
+  could not record it themselves (stopped early, or the process died).
+
+These live in an importable module because Ray pickles them (tuner.pkl, searcher state).
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import optuna
+import ray
+from ray import tune
+from ray.tune.search.optuna import OptunaSearch
+
+from bdat_ray.search_space import describe_trial
+from bdat_ray.tracking import SweepTracking, mark_trial
+
+progress = logging.getLogger("bdat_ray.progress")
+
+#: Grid spaces put each trial's overrides under this key of the Tune config (one grid value
+#: per trial, so conditional dimensions can be expanded ahead of time).
+GRID_POINT = "grid_point"
+
+
+def trial_overrides(config: Mapping[str, Any]) -> dict[str, Any]:
+    """A Tune trial config -> flat run-config overrides."""
+    flat = {k: v for k, v in config.items() if k != GRID_POINT}
+    flat.update(config.get(GRID_POINT) or {})
+    return flat
+
+
+@dataclass(frozen=True)
+class TrialSettings:
+    """Everything a trial needs besides its config; passed once through `tune.with_parameters`."""
+
+    tracking: SweepTracking
+    cpus: float
+    gpus: float  # requested per trial; gpu_seconds = seconds × gpus
+    results_dir: str  # the sweep's Ray experiment directory (trial dirs, checkpoints)
+
+
+def run_trial(config: dict[str, Any], settings: TrialSettings, data: Any = None) -> None:
+    """Tune function trainable. ``data``: the clean dataset shared through the object store
+    (None when the space sweeps ``data.*`` keys: then each trial loads its own)."""
+    import torch
+
+    from bdat_ray.config import ConfigError, from_flat
+    from bdat_ray.engine import TrainingDiverged, fit
+    from bdat_ray.tracking import TrialRun
+
+    # Ray gives each trial `cpus` cores; torch would otherwise start one thread per core of
+    # the machine in every trial and the trials would fight over them.
+    torch.set_num_threads(max(1, int(settings.cpus)))
+    context = tune.get_context()
+    flat = trial_overrides(config)
+    if flat.get("device", "auto") == "auto":
+        # Only a GPU Ray assigned to this trial; an unrequested one would be shared unseen.
+        flat["device"] = "cuda" if ray.get_gpu_ids() else "cpu"
+    run = TrialRun.open(
+        settings.tracking,
+        trial_id=context.get_trial_id(),
+        trial_name=context.get_trial_name(),
+        tags={
+            "bdat_ray.trial_dir": f"{settings.results_dir}/{context.get_trial_name()}",
+            "bdat_ray.node_ip": ray.util.get_node_ip_address(),
+            "bdat_ray.node_id": ray.get_runtime_context().get_node_id(),
+        },
+    )
+    if run.final_metrics is not None:
+        # Finished and logged before the driver recorded it (a kill in between): report only.
+        tune.report({**run.final_metrics, "final": True, "mlflow_run_id": run.run_id})
+        return
+    try:
+        cfg = from_flat(flat)
+    except ConfigError as err:
+        run.log_params(flat)
+        run.fail("bad_config", str(err))
+        raise
+    run.log_params(cfg.to_flat())
+    run.set_tags({"bdat_ray.config_hash": cfg.hash()})
+
+    def on_epoch(metrics: dict[str, float], checkpoint_dir: Path | None) -> None:
+        run.log_epoch(metrics)
+        tune.report(
+            {**metrics, "epochs": cfg.train.epochs, "final": False, "mlflow_run_id": run.run_id},
+            checkpoint=tune.Checkpoint.from_directory(checkpoint_dir),  # copied right away
+        )
+
+    with tempfile.TemporaryDirectory(prefix="bdat_trial_") as tmp:
+        workdir = Path(tmp)
+        resume_from = None
+        if (checkpoint := tune.get_checkpoint()) is not None:
+            resume_from = checkpoint.to_directory(str(workdir / "resume"))
+        try:
+            result = fit(
+                cfg, workdir=workdir, resume_from=resume_from, on_epoch=on_epoch, data=data
+            )
+        except TrainingDiverged as err:
+            run.fail("diverged", str(err))
+            raise
+        except ConfigError as err:  # dataset-dependent checks (e.g. target class) land here
+            run.fail("bad_config", str(err))
+            raise
+        except Exception as err:
+            run.fail("error", f"{type(err).__name__}: {err}")
+            raise
+        final = {
+            "acc": result.acc,
+            "asr": result.asr,
+            "robust_acc": result.robust_acc,
+            "seconds": result.seconds,
+            "gpu_seconds": result.seconds * settings.gpus,
+            "images_per_s": result.images_per_s,
+        }
+        run.finish(
+            final, step=result.epochs, model=result.model, workdir=workdir, resolved=result.config
+        )
+    reported = {k: v for k, v in final.items() if v is not None}
+    tune.report({**reported, "epoch": result.epochs, "final": True, "mlflow_run_id": run.run_id})
+
+
+def trial_name(trial: Any) -> str:
+    """Trial names and directory names: ``trial_<ray trial id>`` (the default packs the whole
+    config into the directory name)."""
+    return f"trial_{trial.trial_id}"
+
+
+class FinalOnlyOptunaSearch(OptunaSearch):
+    """`OptunaSearch` that tells the study COMPLETE only for results with ``final: True``."""
+
+    def suggest(self, trial_id: str) -> dict[str, Any] | None:
+        params = super().suggest(trial_id)
+        # Links a study trial to its Ray trial (and so to the MLflow child run's tag).
+        self._ot_trials[trial_id].set_user_attr("ray_trial_id", trial_id)
+        return params
+
+    def on_trial_complete(
+        self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False
+    ) -> None:
+        if result and not error and not result.get("final", False):
+            if trial_id not in self._completed_trials:
+                self._ot_study.tell(self._ot_trials[trial_id], state=optuna.trial.TrialState.PRUNED)
+                self._completed_trials.add(trial_id)
+            return
+        super().on_trial_complete(trial_id, result=result, error=error)
+
+
+#: Errors a retry would only repeat; their retries end at once (`tracking.TrialRun.open`).
+DETERMINISTIC_ERRORS = ("TrainingDiverged", "ConfigError", "TrialFailedBefore")
+
+
+def _error(trial: Any) -> tuple[str, str]:
+    """(class name, one-line message) of the trial's latest error. Read from the driver's
+    local copy: the one in storage is synced later and may still hold the previous error."""
+    path = trial.pickled_error_file
+    if path and Path(path).is_file():
+        with open(path, "rb") as f:
+            error = ray.cloudpickle.load(f)
+        cause = getattr(error, "cause", None) or error
+        return type(cause).__name__, str(cause).strip().splitlines()[0]
+    return "Error", "see error.txt in the trial directory"
+
+
+class SweepProgress(tune.Callback):
+    """Progress a person can follow (logged on ``bdat_ray.progress``), plus the MLflow
+    outcome of trials that could not record it themselves. Stateless, so a restored sweep
+    (which unpickles this object as it was at the start) still counts right."""
+
+    def __init__(self, tracking: SweepTracking, total: int):
+        self.tracking = tracking
+        self.total = total
+
+    def _label(self, trials: list, trial: Any) -> str:
+        return f"[{trials.index(trial) + 1}/{self.total}] {trial.trial_id}"
+
+    def _ended(self, trials: list, trial: Any) -> str:
+        ended = sum(t.status in ("TERMINATED", "ERROR") or t is trial for t in trials)
+        return f"{ended}/{self.total} ended"
+
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        if trial.num_failures and _error(trial)[0] in DETERMINISTIC_ERRORS:
+            return  # a retry that ends at once (see on_trial_recover)
+        what = describe_trial(trial_overrides(trial.config))
+        progress.info(
+            "%s start  %s · %s %s",
+            self._label(trials, trial),
+            what["attack"],
+            what["threat"],
+            what["budgets"],
+        )
+
+    def on_trial_result(
+        self, iteration: int, trials: list, trial: Any, result: dict, **info: Any
+    ) -> None:
+        if result.get("final"):
+            return
+        progress.info(
+            "%s epoch %d/%d  acc %.1f  asr %.1f  (%.1f s)",
+            self._label(trials, trial),
+            result["epoch"],
+            result["epochs"],
+            result["acc"],
+            result["asr"],
+            result["epoch_seconds"],
+        )
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        last = trial.last_result or {}
+        if last.get("final"):
+            robust = last.get("robust_acc")
+            progress.info(
+                "%s done   acc %.1f  asr %.1f  robust_acc %s  (%.0f s)  — %s",
+                self._label(trials, trial),
+                last["acc"],
+                last["asr"],
+                "n/a" if robust is None else f"{robust:.1f}",
+                last["seconds"],
+                self._ended(trials, trial),
+            )
+            return
+        mark_trial(self.tracking, trial.trial_id, "early_stopped")
+        progress.info(
+            "%s stopped early by the scheduler after epoch %s (kept out of the front) — %s",
+            self._label(trials, trial),
+            last.get("epoch", 0),
+            self._ended(trials, trial),
+        )
+
+    def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        kind, message = _error(trial)
+        if kind == "TrialFailedBefore":
+            return  # the first failure was reported; this retry ended at once
+        note = (
+            "not retrained: a retry would repeat it"
+            if kind in DETERMINISTIC_ERRORS
+            else "retrying from its last checkpoint"
+        )
+        progress.info("%s %s: %s — %s", self._label(trials, trial), kind, message, note)
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        kind, message = _error(trial)
+        reason = f"{kind}: {message}"
+        mark_trial(self.tracking, trial.trial_id, "failed", f"trial process failed: {reason}")
+        progress.info(
+            "%s FAILED  %s  — %s", self._label(trials, trial), reason, self._ended(trials, trial)
+        )
