@@ -226,12 +226,15 @@ def register_models(
         if not uri:
             log.warning("run %s has no logged model; not registered", run_id)
             continue
+        # The sqlite registry resolves a models:/ source through MLflow's *global* tracking
+        # URI (its own TODO); the logged model's artifact location avoids that lookup.
+        model_id = uri.removeprefix("models:/")
         version = client.create_model_version(
             model_name,
-            source=uri,
+            source=client.get_logged_model(model_id).artifact_location,
             run_id=run_id,
             tags=tags,
-            model_id=uri.removeprefix("models:/"),
+            model_id=model_id,
             await_creation_for=0,
         )
         versions.append(str(version.version))
