@@ -229,14 +229,12 @@ def _max_epochs(space: SearchSpace) -> int:
 
 
 def _start_ray() -> None:
+    """Connect to the cluster in ``RAY_ADDRESS`` or the one ``ray start`` runs on this machine
+    (a ``ray up`` head), else start a local instance (Ray's own lookup order). Locally: no
+    dashboard — nothing listens beyond Ray's token-authenticated ports — and trial output
+    stays in Ray's log files; the progress people read comes from `SweepProgress`."""
     import ray
 
-    address = os.environ.get("RAY_ADDRESS")
-    if address:  # a running cluster (ray up / ray start): connect to it
-        ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
-        return
-    # A local instance: no dashboard (nothing listening beyond Ray's own token-protected
-    # ports); trial output stays in Ray's log files, progress comes from SweepProgress.
     ray.init(include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
 
 
@@ -350,20 +348,21 @@ def _resumed_sweep(args: argparse.Namespace, storage: Path) -> tuple[SearchSpace
 @main_guard
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    from bdat_ray import tracking
+
     storage = args.storage.expanduser().resolve()
     space, record = _resumed_sweep(args, storage) if args.resume else _new_sweep(args, storage)
+    uri = tracking.resolve_tracking_uri(args.mlflow_uri)
     print(plan_text(space, record.get("sweep_id", record["name"])), flush=True)
     if args.dry_run:
         if space.mode == GRID:
             print(grid_listing(space))
         print(f"{space.trial_count} trials, {space.cpus:g} CPU + {space.gpus:g} GPU each")
         return 0
-    return run_sweep(space, record, args.mlflow_uri, resume=args.resume)
+    return run_sweep(space, record, uri, resume=args.resume)
 
 
-def run_sweep(
-    space: SearchSpace, record: dict[str, Any], mlflow_uri: str | None, *, resume: bool
-) -> int:
+def run_sweep(space: SearchSpace, record: dict[str, Any], uri: str, *, resume: bool) -> int:
     # Snapshot the experiment state every second (default: ≥ 10 s), so a killed driver
     # loses no finished trial: without it, restore re-runs trials that ended since.
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
@@ -375,7 +374,6 @@ def run_sweep(
     _quiet_libraries()
     from bdat_ray import tracking
 
-    uri = tracking.resolve_tracking_uri(mlflow_uri)
     data = _shared_data(space)  # a missing dataset fails here, before Ray or MLflow start
     storage = Path(record["storage"])
     if resume:
