@@ -1,0 +1,484 @@
+"""The sweep platform end to end: real Ray, real MLflow stores and server, real Optuna study,
+each sweep driven through ``python -m bdat_ray.sweep`` in a subprocess like a user would.
+Tiny trials (digits, a few epochs of a small CNN) keep each sweep under a minute on 2 CPUs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.sweep, pytest.mark.slow]
+
+TINY = """
+fixed:
+  train.epochs: 3
+  at.steps: 1
+  eval.robust_samples: 64
+  eval.steps: 2
+"""
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """This process's environment without a tracking URI: every sweep here names its own."""
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    return {**env, **extra}
+
+
+def run_cli(
+    args: list[str], cwd: Path, timeout: float = 420, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "bdat_ray.sweep", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env or clean_env(),
+    )
+
+
+@contextlib.contextmanager
+def tracking_uri(uri: str):
+    """``models:/`` URIs resolve through MLflow's global URI (which also sets the
+    environment variable): set it for the block only."""
+    import mlflow
+
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(before)
+        if before is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+
+
+def space_file(directory: Path, body: str, name: str) -> Path:
+    path = directory / f"{name}.yaml"
+    path.write_text(textwrap.dedent(TINY) + textwrap.dedent(body))
+    return path
+
+
+def mlflow_runs(uri: str, experiment: str) -> tuple[object, list, list]:
+    """(client, parent runs, child runs) of one experiment."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([exp.experiment_id], max_results=1000)
+    parents = [r for r in runs if r.data.tags.get("bdat_ray.role") == "sweep"]
+    children = [r for r in runs if r.data.tags.get("bdat_ray.role") == "trial"]
+    return client, parents, children
+
+
+def epochs_logged(client, run) -> list[int]:
+    return [int(m.step) for m in client.get_metric_history(run.info.run_id, "epoch")]
+
+
+def sweep_dir(storage: Path) -> Path:
+    (path,) = [p.parent for p in storage.glob("*/sweep.json")]
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# A small grid sweep: two trials that train, one that diverges.
+
+
+@pytest.fixture(scope="module")
+def grid_sweep(tmp_path_factory):
+    work = tmp_path_factory.mktemp("grid")
+    space = space_file(
+        work,
+        """
+        dimensions:
+          at.threat: {grid: [none, linf]}
+        variants:
+          - name: base
+          - name: diverges          # lr 1e30: the loss is NaN within the first epoch
+            fixed: {train.lr: 1e30}
+            dimensions: {at.threat: {grid: [none]}}
+        max_concurrent: 2
+        """,
+        "small",
+    )
+    uri = f"sqlite:///{work / 'mlflow.db'}"
+    started = time.perf_counter()
+    proc = run_cli(["--space", str(space), "--mlflow-uri", uri, "--storage", "results"], work)
+    return {
+        "proc": proc,
+        "uri": uri,
+        "work": work,
+        "seconds": time.perf_counter() - started,
+        "dir": sweep_dir(work / "results") if proc.returncode == 0 else None,
+    }
+
+
+def test_two_trial_sweep_end_to_end(grid_sweep):
+    proc = grid_sweep["proc"]
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "2 finished, 1 failed of 3 trials" in proc.stdout
+    assert "Pareto front (acc max, asr min)" in proc.stdout
+    assert "mlflow ui --backend-store-uri " + grid_sweep["uri"] in proc.stdout
+    assert "grid search over 3 trials (no Optuna)" in proc.stdout
+    assert "epoch 3/3" in proc.stderr and "Traceback" not in proc.stderr
+
+    from bdat_ray.config import leaf_keys
+
+    client, parents, children = mlflow_runs(grid_sweep["uri"], "small")
+    (parent,) = parents
+    assert parent.info.status == "FINISHED"
+    assert parent.data.params["search"] == "grid" and parent.data.params["trials"] == "3"
+    assert parent.data.tags["mlflow.source.git.commit"]
+    assert parent.data.metrics["trials_finished"] == 2
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"small.yaml", "pareto.md", "pareto.json"} <= artifacts
+
+    assert len(children) == 3
+    assert all(c.data.tags["mlflow.parentRunId"] == parent.info.run_id for c in children)
+    finished = [c for c in children if c.info.status == "FINISHED"]
+    assert len(finished) == 2
+    for child in finished:
+        assert len(child.data.params) >= len(leaf_keys())  # the full flattened config
+        assert child.data.params["data.name"] == "digits"
+        assert len(child.data.tags["bdat_ray.config_hash"]) == 12
+        assert child.data.tags["bdat_ray.trial_dir"].startswith(str(grid_sweep["dir"]))
+        assert epochs_logged(client, child) == [1, 2, 3]
+        metrics = child.data.metrics
+        assert {"acc", "asr", "robust_acc", "seconds", "gpu_seconds", "images_per_s"} <= set(
+            metrics
+        )
+        assert metrics["gpu_seconds"] == 0  # seconds × 0 GPUs requested
+        assert {"train_loss", "train_clean_acc", "epoch_seconds"} <= set(metrics)
+        names = {a.path for a in client.list_artifacts(child.info.run_id)}
+        assert "poisoned_indices.npy" in names and "result.json" in names
+    assert (grid_sweep["dir"] / "space.yaml").is_file()
+
+
+def test_a_diverged_trial_fails_alone_and_is_not_retrained(grid_sweep):
+    from ray.tune import ExperimentAnalysis
+
+    client, _, children = mlflow_runs(grid_sweep["uri"], "small")
+    (failed,) = [c for c in children if c.info.status == "FAILED"]
+    assert failed.data.params["train.lr"] == "1e+30"
+    assert failed.data.tags["bdat_ray.failure_kind"] == "diverged"
+    assert "non-finite" in failed.data.tags["bdat_ray.failure"]
+    assert epochs_logged(client, failed) == []  # diverged within epoch 1
+
+    trials = ExperimentAnalysis(str(grid_sweep["dir"])).trials
+    status = sorted(t.status for t in trials)
+    assert status == ["ERROR", "TERMINATED", "TERMINATED"]
+    (errored,) = [t for t in trials if t.status == "ERROR"]
+    # Ray's retries (FailureConfig) of a diverged trial stop at once instead of training.
+    errors = (Path(errored.path) / "error.txt").read_text()
+    assert "TrainingDiverged" in errors and "not training again" in errors
+    assert "FAILED  TrialFailedBefore" in grid_sweep["proc"].stderr
+
+
+def test_logged_model_reloads_and_reproduces_its_acc(grid_sweep, digits):
+    import mlflow.pytorch
+
+    from bdat_ray.metrics import clean_accuracy, predict
+
+    client, _, children = mlflow_runs(grid_sweep["uri"], "small")
+    with tracking_uri(grid_sweep["uri"]):
+        for child in (c for c in children if c.info.status == "FINISHED"):
+            model = mlflow.pytorch.load_model(child.data.tags["bdat_ray.model_uri"])
+            acc = clean_accuracy(predict(model, digits.x_test), digits.y_test)
+            assert abs(acc - child.data.metrics["acc"]) <= 0.5
+        # Pareto-optimal models are registered and load by registry name too.
+        versions = client.search_model_versions("name = 'small-pareto'")
+        assert versions and all(v.tags["sweep_id"] == grid_sweep["dir"].name for v in versions)
+        model = mlflow.pytorch.load_model(f"models:/small-pareto/{versions[0].version}")
+    assert model(digits.x_test[:7].float() / 255).shape == (7, 10)  # any batch size
+
+
+# ---------------------------------------------------------------------------------------------
+# Optuna: the study outlives the driver, and early-stopped trials stay out of its front.
+
+
+def test_optuna_study_is_readable_after_the_driver_exits(tmp_path):
+    import optuna
+
+    space = space_file(
+        tmp_path,
+        """
+        dimensions:
+          at.threat: {choice: [none, linf]}
+          at.linf.eps: {uniform: ["4/255", "16/255"], when: {at.threat: linf}}
+          train.lr: {loguniform: [0.001, 0.2]}
+        num_samples: 6
+        max_concurrent: 2
+        early_stopping: {metric: acc, mode: max, grace_period: 1, reduction_factor: 2}
+        seed: 3
+        """,
+        "search",
+    )
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    proc = run_cli(["--space", str(space), "--mlflow-uri", uri, "--storage", "out"], tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "Optuna multi-objective search" in proc.stdout
+
+    # The driver process has exited; the study is read from its sqlite file.
+    directory = sweep_dir(tmp_path / "out")
+    study = optuna.load_study(
+        study_name=directory.name, storage=f"sqlite:///{directory / 'optuna.db'}"
+    )
+    assert [d.name for d in study.directions] == ["MAXIMIZE", "MINIMIZE"]
+    states = [t.state.name for t in study.trials]
+    assert len(states) == 6 and states.count("RUNNING") == 0
+    assert states.count("PRUNED") >= 1, states  # ASHA stopped some trials early
+    front = study.best_trials
+    assert front and all(t.state.name == "COMPLETE" for t in front)
+
+    client, _, children = mlflow_runs(uri, "search")
+    by_trial = {c.data.tags["bdat_ray.trial_id"]: c for c in children}
+    for trial in study.trials:
+        child = by_trial[trial.user_attrs["ray_trial_id"]]
+        if trial.state.name == "PRUNED":
+            assert child.info.status == "KILLED"
+            assert child.data.tags["bdat_ray.outcome"] == "early_stopped"
+            assert len(epochs_logged(client, child)) < 3
+        else:  # a complete trial trained every epoch and its values are its final metrics
+            assert child.data.tags["bdat_ray.outcome"] == "finished"
+            assert epochs_logged(client, child) == [1, 2, 3]
+            assert trial.values == pytest.approx(
+                [child.data.metrics["acc"], child.data.metrics["asr"]]
+            )
+    # The printed Pareto table is the study's front.
+    table = proc.stdout.split("Pareto front", 1)[1]
+    printed = {line.split()[0] for line in table.splitlines()[3:] if line.strip()}
+    printed &= set(by_trial)
+    assert printed == {t.user_attrs["ray_trial_id"] for t in front}
+
+
+# ---------------------------------------------------------------------------------------------
+# Killing the driver mid-sweep, then --resume.
+
+
+def test_resume_after_the_driver_is_killed_loses_and_repeats_nothing(tmp_path):
+    import optuna
+    from mlflow import MlflowClient
+    from ray.tune import ExperimentAnalysis
+
+    space = space_file(
+        tmp_path,
+        """
+        fixed:
+          train.epochs: 4
+          at.threat: linf
+          at.steps: 2
+          eval.robust_samples: 64
+          eval.steps: 2
+        dimensions:
+          at.linf.eps: {uniform: ["2/255", "16/255"]}
+        num_samples: 4
+        max_concurrent: 2
+        """,
+        "killed",
+    )
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    args = ["--mlflow-uri", uri, "--storage", "out"]
+    log = (tmp_path / "first.log").open("w")
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "bdat_ray.sweep", "--space", str(space), *args],
+        cwd=tmp_path,
+        env=clean_env(),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,  # its own process group: Ray's processes die with it
+    )
+    done_before: dict[str, int] = {}
+    deadline = time.time() + 300
+    while time.time() < deadline and driver.poll() is None:
+        time.sleep(0.5)
+        if not (tmp_path / "mlflow.db").exists():
+            continue
+        try:
+            _, _, children = mlflow_runs(uri, "killed")
+        except Exception:  # the experiment is not created yet
+            continue
+        finished = [c for c in children if c.info.status == "FINISHED"]
+        if finished:
+            done_before = {c.info.run_id: c.info.end_time for c in finished}
+            break
+    assert driver.poll() is None, "the sweep ended before it could be killed"
+    os.killpg(driver.pid, signal.SIGKILL)
+    driver.wait()
+    _wait_for_group_exit(driver.pid)
+    assert 1 <= len(done_before) < 4, "kill it mid-sweep: some finished, some not"
+
+    proc = run_cli(["--resume", *args], tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "4 finished of 4 trials" in proc.stdout
+
+    client = MlflowClient(uri)
+    _, parents, children = mlflow_runs(uri, "killed")
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert len(children) == 4 and all(c.info.status == "FINISHED" for c in children)
+    for child in children:
+        assert epochs_logged(client, child) == [1, 2, 3, 4]  # no epoch lost or repeated
+    for run_id, end_time in done_before.items():  # finished trials were not run again
+        run = client.get_run(run_id)
+        assert run.info.end_time == end_time and run.data.tags["bdat_ray.attempts"] == "1"
+    directory = sweep_dir(tmp_path / "out")
+    trials = ExperimentAnalysis(str(directory)).trials
+    assert sorted(t.status for t in trials) == ["TERMINATED"] * 4
+    study = optuna.load_study(
+        study_name=directory.name, storage=f"sqlite:///{directory / 'optuna.db'}"
+    )
+    assert [t.state.name for t in study.trials].count("COMPLETE") == 4
+    assert all(t.state.name in ("COMPLETE", "FAIL") for t in study.trials)
+
+
+def _wait_for_group_exit(pgid: int, timeout: float = 30) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"processes of group {pgid} outlived the kill")
+
+
+# ---------------------------------------------------------------------------------------------
+# A real MLflow tracking server, started here on 127.0.0.1.
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _listening_addresses(port: int) -> set[str]:
+    """IPv4 addresses with a listening TCP socket on ``port`` (Linux /proc/net/tcp)."""
+    found = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        local, state = line.split()[1], line.split()[3]
+        address, port_hex = local.split(":")
+        if state == "0A" and int(port_hex, 16) == port:
+            found.add(socket.inet_ntoa(bytes.fromhex(address)[::-1]))
+    return found
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    port = _free_port()
+    artifacts = tmp_path / "server-artifacts"
+    log = (tmp_path / "server.log").open("w")
+    server = subprocess.Popen(
+        [
+            str(Path(sys.executable).parent / "mlflow"),
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--backend-store-uri",
+            f"sqlite:///{tmp_path / 'server.db'}",
+            "--artifacts-destination",
+            str(artifacts),
+            "--workers",
+            "1",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+                if response.read() == b"OK":
+                    break
+        except OSError:
+            pass
+        assert server.poll() is None and time.time() < deadline, tmp_path / "server.log"
+        time.sleep(0.5)
+    yield {"url": url, "port": port, "artifacts": artifacts}
+    os.killpg(server.pid, signal.SIGTERM)
+    server.wait(timeout=30)
+    _wait_for_group_exit(server.pid)
+
+
+def test_sweep_logs_to_a_real_mlflow_server(tmp_path, mlflow_server, digits):
+    import mlflow.pytorch
+
+    from bdat_ray.metrics import clean_accuracy, predict
+
+    assert _listening_addresses(mlflow_server["port"]) == {"127.0.0.1"}
+    space = space_file(
+        tmp_path, "dimensions:\n  at.threat: {grid: [none, linf]}\nmax_concurrent: 2\n", "served"
+    )
+    proc = run_cli(
+        ["--space", str(space), "--mlflow-uri", mlflow_server["url"], "--storage", "out"],
+        tmp_path,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert f"open {mlflow_server['url']} in a browser" in proc.stdout
+    assert not (tmp_path / "mlflow.db").exists()  # nothing went to the local default store
+
+    client, parents, children = mlflow_runs(mlflow_server["url"], "served")
+    assert len(parents) == 1 and len(children) == 2
+    assert all(c.info.status == "FINISHED" for c in children)
+    for child in children:
+        assert epochs_logged(client, child) == [1, 2, 3]
+        assert child.info.artifact_uri.startswith("mlflow-artifacts:")
+        with tracking_uri(mlflow_server["url"]):
+            model = mlflow.pytorch.load_model(child.data.tags["bdat_ray.model_uri"])
+        acc = clean_accuracy(predict(model, digits.x_test), digits.y_test)
+        assert abs(acc - child.data.metrics["acc"]) <= 0.5
+    # The artifacts went through the server into its --artifacts-destination.
+    assert list(mlflow_server["artifacts"].rglob("poisoned_indices.npy"))
+    assert list(mlflow_server["artifacts"].rglob("model.pth"))
+
+
+# ---------------------------------------------------------------------------------------------
+# A head and two worker nodes on one machine (Ray's multi-node test cluster).
+
+
+def test_trials_spread_over_worker_nodes_into_one_experiment(tmp_path):
+    import ray
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(
+        initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False}
+    )
+    try:
+        workers = [cluster.add_node(num_cpus=1) for _ in range(2)]
+        cluster.wait_for_nodes()
+        space = space_file(
+            tmp_path,
+            "dimensions:\n  train.seed: {grid: [0, 1, 2, 3]}\nmax_concurrent: 4\n",
+            "spread",
+        )
+        uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+        proc = run_cli(
+            ["--space", str(space), "--mlflow-uri", uri, "--storage", "out"],
+            tmp_path,
+            env=clean_env(RAY_ADDRESS=cluster.address),
+        )
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        _, parents, children = mlflow_runs(uri, "spread")
+        assert len(parents) == 1 and len(children) == 4
+        assert len({c.info.experiment_id for c in children + parents}) == 1
+        assert all(c.info.status == "FINISHED" for c in children)
+        nodes = {c.data.tags["bdat_ray.node_id"] for c in children}
+        assert nodes == {w.node_id for w in workers}  # both workers, never the 0-CPU head
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
