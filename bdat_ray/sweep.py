@@ -15,10 +15,12 @@ multi-objective search (`trainable.FinalOnlyOptunaSearch`) whose study lives in
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import os
 import shutil
+import string
 import sys
 import time
 from collections import Counter
@@ -47,7 +49,8 @@ MAX_FAILURES = 2
 #: drawn separately for each of their combinations (no defence can choose the attack).
 ENVIRONMENT_PREFIXES = ("attack.", "data.")
 OUTCOMES = ("finished", "failed", "stopped", "unfinished")
-NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
+EXIT_INTERRUPTED = 130  # the shell's code for a run stopped by Ctrl-C
+NAME_CHARS = frozenset(string.ascii_letters + string.digits + "._-")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -85,7 +88,11 @@ def parser() -> argparse.ArgumentParser:
         default=Path(DEFAULT_STORAGE),
         help=f"results and checkpoints (default ./{DEFAULT_STORAGE}; shared storage on a cluster)",
     )
-    p.add_argument("--resume", action="store_true", help="continue the latest interrupted sweep")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the latest sweep in --storage (of --name, if given) where it stopped",
+    )
     p.add_argument(
         "--dry-run", action="store_true", help="validate; print the trial count and resources"
     )
@@ -168,10 +175,34 @@ def varying_keys(configs: list[dict[str, Any]]) -> list[str]:
     return [k for k in keys if len({repr(c.get(k)) for c in configs}) > 1]
 
 
+def space_hash(space: SearchSpace) -> str:
+    """Short hash of what the sweep runs: the space file's text, the pins and the settings."""
+    what = {
+        "file": Path(space.path).read_text(),
+        "pins": {k: repr(v) for k, v in space.overrides.items()},
+        "settings": [space.num_samples, space.max_concurrent, space.cpus, space.gpus],
+    }
+    return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:12]
+
+
 def _check_name(name: str) -> str:
     if not name or not set(name) <= NAME_CHARS or name[0] in "._-":
         raise ConfigError("--name", f"use letters, digits, '.', '_' and '-'; got {name!r}")
     return name
+
+
+def _fresh_sweep_dir(storage: Path, name: str) -> Path:
+    """``STORAGE/NAME-YYYYmmdd-HHMMSS`` (sweep names repeat, sweep ids do not)."""
+    stamp = f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    storage.mkdir(parents=True, exist_ok=True)
+    for suffix in ["", *(f"-{i}" for i in range(2, 100))]:
+        path = storage / f"{stamp}{suffix}"
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            continue
+    raise ConfigError("--storage", f"cannot create a new sweep folder in {storage}")
 
 
 def find_sweep(storage: Path, name: str | None) -> Path:
@@ -193,12 +224,20 @@ def find_sweep(storage: Path, name: str | None) -> Path:
 
 def _quiet_libraries() -> None:
     """Keep the terminal to our progress lines: library INFO chatter goes, warnings stay."""
-    for name in ("mlflow", "alembic", "ray", "optuna"):
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # optuna resets its logger's level
+    for name in ("mlflow", "alembic", "ray"):
         logging.getLogger(name).setLevel(logging.WARNING)
     # Tune logs a full traceback for every failed trial; our progress line names the reason,
     # and the traceback stays in the trial's error.txt and in MLflow.
-    # The closing "Trials did not complete" error repeats our FAILED lines and summary.
-    for name in ("ray.tune.execution.tune_controller", "ray.tune.tune"):
+    # The closing "Trials did not complete" error repeats our FAILED lines and summary, and
+    # the analysis warns about trials an interrupted sweep never started (our "unfinished").
+    for name in (
+        "ray.tune.execution.tune_controller",
+        "ray.tune.tune",
+        "ray.tune.analysis.experiment_analysis",
+    ):
         logging.getLogger(name).setLevel(logging.CRITICAL)
 
 
@@ -340,7 +379,6 @@ def _resumed_sweep(args: argparse.Namespace, storage: Path) -> tuple[SearchSpace
         raise ConfigError("--resume", f"continues with the sweep's own settings; drop {given[0]}")
     sweep_dir = find_sweep(storage, args.name or (args.space and args.space.stem))
     record = json.loads((sweep_dir / RECORD).read_text())
-    record["storage"] = str(storage)  # the folder may have moved since
     space = load_space(sweep_dir / "space.yaml").with_overrides(record["overrides"])
     return space.with_settings(**record["settings"]), record
 
@@ -378,12 +416,18 @@ def run_sweep(space: SearchSpace, record: dict[str, Any], uri: str, *, resume: b
     storage = Path(record["storage"])
     if resume:
         sweep_dir = storage / record["sweep_id"]
+        from ray.tune import Tuner
+
+        if not Tuner.can_restore(str(sweep_dir)):
+            raise ConfigError(
+                "--resume",
+                f"{sweep_dir} stopped before Ray Tune saved its first state; start it again",
+            )
         sweep = tracking.reopen_sweep(uri, record["parent_run_id"], record["sweep_id"])
         print(f"resuming   {sweep_dir}", flush=True)
     else:
-        record["sweep_id"] = f"{record['name']}-{time.strftime('%Y%m%d-%H%M%S')}"
-        sweep_dir = storage / record["sweep_id"]
-        sweep_dir.mkdir(parents=True)
+        sweep_dir = _fresh_sweep_dir(storage, record["name"])
+        record["sweep_id"] = sweep_dir.name
         shutil.copyfile(space.path, sweep_dir / "space.yaml")
         record["optuna_storage"] = str(sweep_dir / "optuna.db") if space.mode != GRID else None
         sweep = tracking.start_sweep(
@@ -405,6 +449,7 @@ def run_sweep(space: SearchSpace, record: dict[str, Any], uri: str, *, resume: b
                 "overrides": " ".join(f"{k}={v}" for k, v in record["overrides"].items()),
             },
             tags={
+                "bdat_ray.space_hash": space_hash(space),
                 "bdat_ray.ray_experiment_dir": str(sweep_dir),
                 "bdat_ray.optuna_storage": record["optuna_storage"] or "",
                 "bdat_ray.optuna_study": record["sweep_id"] if record["optuna_storage"] else "",
@@ -450,14 +495,13 @@ def run_sweep(space: SearchSpace, record: dict[str, Any], uri: str, *, resume: b
         tuner.fit()
     finally:
         ray.shutdown()
-    if record.get("optuna_storage"):
-        _close_orphan_study_trials(record)
     return _report(space, record, sweep, time.perf_counter() - started, uri)
 
 
 def _close_orphan_study_trials(record: dict[str, Any]) -> None:
     """A driver killed between asking Optuna and saving its state leaves study trials
-    RUNNING forever (the restored searcher asks again); they are marked FAIL."""
+    RUNNING forever (the restored searcher asks again); once the sweep is complete they are
+    marked FAIL. (Before that, RUNNING trials may be ones a --resume will finish.)"""
     import optuna
 
     study = optuna.load_study(
@@ -544,6 +588,8 @@ def _report(
     front = pareto_rows(space, rows)
     count = {o: sum(r["outcome"] == o for r in rows) for o in OUTCOMES}
     interrupted = count["unfinished"] > 0 or len(rows) < space.trial_count
+    if record.get("optuna_storage") and not interrupted:
+        _close_orphan_study_trials(record)
     model_name = f"{record['name']}-pareto"
     versions = tracking.register_models(
         sweep,
@@ -584,6 +630,7 @@ def _report(
             f"resume     python -m bdat_ray.sweep --resume --name {record['sweep_id']} "
             f"--storage {record['storage']}"
         )
+        return EXIT_INTERRUPTED
     return 0 if count["finished"] else 1
 
 

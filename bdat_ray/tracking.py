@@ -6,6 +6,8 @@ Layout (docs/sweep.md has the full table):
 - one **parent run** per sweep (run name = sweep id ``NAME-YYYYmmdd-HHMMSS``): the space file
   as an artifact, the search settings as params, git commit and space hash as tags, and at the
   end counts, the Pareto table and wall time;
+- the tracking URI travels to every trial (and into Ray's saved sweep state): credentials
+  belong in ``MLFLOW_TRACKING_USERNAME``/``MLFLOW_TRACKING_PASSWORD``, never in the URI;
 - one **child run** per Ray trial (tag ``mlflow.parentRunId``), created and written by the
   trial process itself so workers on other nodes log to the same server: the flattened config
   as params, per-epoch metrics with ``step = epoch``, final metrics, the model, the poisoned
@@ -29,6 +31,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from bdat_ray.config import ConfigError
+from bdat_ray.search_space import METRICS
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +41,6 @@ MODEL_NAME = "model"
 #: Engine epoch keys renamed in MLflow so they do not collide with a final metric of the
 #: same name logged at the last step (``images_per_s`` is the whole run's throughput).
 EPOCH_RENAMES = {"images_per_s": "epoch_images_per_s"}
-FINAL_METRICS = ("acc", "asr", "robust_acc", "seconds", "gpu_seconds", "images_per_s")
 #: Failures that would repeat on a retry; a retried trial that finds one stops at once.
 NON_RETRYABLE = ("diverged", "bad_config")
 
@@ -85,24 +87,16 @@ def git_commit() -> tuple[str, bool]:
     """(commit of the checkout this package runs from, whether it has uncommitted changes);
     ("unknown", False) outside a git checkout (e.g. an installed wheel on a worker)."""
     repo = Path(__file__).resolve().parents[1]
-    try:
-        commit = subprocess.run(
-            ["git", "-C", str(repo), "rev-parse", "HEAD"],
-            capture_output=True,
-            text=True,
-            check=True,
-            timeout=10,
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", "-C", str(repo), *args], capture_output=True, text=True, check=True, timeout=10
         ).stdout.strip()
-        status = subprocess.run(
-            ["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True,
-            text=True,
-            check=True,
-            timeout=10,
-        ).stdout
+
+    try:
+        return git("rev-parse", "HEAD"), bool(git("status", "--porcelain", "-uno"))
     except (OSError, subprocess.SubprocessError):
         return "unknown", False
-    return commit, bool(status.strip())
 
 
 def _client(uri: str):
@@ -319,7 +313,7 @@ class TrialRun:
                 f"{run_tags.get(f'{TAG}failure', '')}; not training again"
             )
         if found.info.status == "FINISHED" and run_tags.get(f"{TAG}outcome") == "finished":
-            final = {k: v for k, v in found.data.metrics.items() if k in FINAL_METRICS}
+            final = {k: v for k, v in found.data.metrics.items() if k in METRICS}
             return cls(sweep, run_id, client, set(), final)
         attempts = int(run_tags.get(f"{TAG}attempts", "1")) + 1
         client.set_tag(run_id, f"{TAG}attempts", str(attempts))

@@ -56,7 +56,7 @@ class TrialSettings:
 
 def run_trial(config: dict[str, Any], settings: TrialSettings, data: Any = None) -> None:
     """Tune function trainable. ``data``: the clean dataset shared through the object store
-    (None when the space sweeps ``data.*`` keys: then each trial loads its own)."""
+    (None when trials differ in ``data.*`` keys: then each trial loads its own)."""
     import torch
 
     from bdat_ray.config import ConfigError, from_flat
@@ -110,14 +110,11 @@ def run_trial(config: dict[str, Any], settings: TrialSettings, data: Any = None)
             result = fit(
                 cfg, workdir=workdir, resume_from=resume_from, on_epoch=on_epoch, data=data
             )
-        except TrainingDiverged as err:
-            run.fail("diverged", str(err))
-            raise
-        except ConfigError as err:  # dataset-dependent checks (e.g. target class) land here
-            run.fail("bad_config", str(err))
-            raise
         except Exception as err:
-            run.fail("error", f"{type(err).__name__}: {err}")
+            # Divergence and dataset-dependent config errors (e.g. the target class) would
+            # only repeat on a retry; tracking marks them so that a retry stops at once.
+            kind = {TrainingDiverged: "diverged", ConfigError: "bad_config"}.get(type(err))
+            run.fail(kind or "error", str(err) if kind else f"{type(err).__name__}: {err}")
             raise
         final = {
             "acc": result.acc,
