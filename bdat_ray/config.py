@@ -128,7 +128,8 @@ class TrainConfig:
     augment: str = option(
         "auto",
         "batched on-device augmentation: random crop (pad 4) and horizontal flip; auto = "
-        "crop+flip for colour images, crop only for digits (a flipped digit is another shape)",
+        "crop+flip for colour images (CAT paper), none for grey digits (Madry et al.'s MNIST "
+        "setting; a crop also pushes small corner triggers out of the image)",
         choices=("auto", "none", "crop", "crop_flip"),
     )
     amp: str = option(

@@ -44,10 +44,14 @@ def augment(x: torch.Tensor, mode: str, generator: torch.Generator) -> torch.Ten
 
 
 def resolve_augment(mode: str, channels: int) -> str:
-    """``auto``: crop+flip for colour images; crop only for grey digits (flips change digits)."""
+    """``auto``: crop+flip for colour images (the CAT paper's CIFAR setting); none for grey
+    digit sets, as in Madry et al.'s MNIST setting that Weng et al. follow. Measured here: a
+    random crop with padding 4 moves a 2×2 corner trigger out of the image in most copies —
+    dirty-label BadNets 2×2-random on the MNIST subset reached 33.5% ASR with ``crop`` and
+    100.0% with ``none`` (5 epochs)."""
     if mode != "auto":
         return mode
-    return "crop_flip" if channels == 3 else "crop"
+    return "crop_flip" if channels == 3 else "none"
 
 
 def shuffled_batches(
