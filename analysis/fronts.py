@@ -1,0 +1,125 @@
+"""Pareto fronts and dominated hypervolume of a sweep's trials.
+
+The front is `bdat_ray.search_space.pareto_front`, applied as the sweep applies it: to the
+finished trials only, one front per environment group (``group`` column, see
+`analysis.load.trial_frame`). Early-stopped and failed trials never enter it.
+
+Hypervolume is measured over the objectives in percent (acc, asr, robust_acc), each against
+its worst possible value (0 % for a metric to maximise, 100 % for one to minimise) and
+normalised to [0, 1]: with acc ↑ and asr ↓, the reference point is (acc 0 %, asr 100 %), and
+1 would be a trial with 100 % clean accuracy and 0 % attack success. Objectives in other units
+(seconds, images/s) have no natural worst value and are left out of the hypervolume.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import pandas as pd
+
+from bdat_ray.search_space import DEFAULT_OBJECTIVES
+from bdat_ray.search_space import pareto_front as front_indices
+
+PERCENT_METRICS = ("acc", "asr", "robust_acc")
+FINISHED = "finished"
+
+
+def objectives_of(trials: pd.DataFrame, objectives: Mapping[str, str] | None) -> dict[str, str]:
+    """The given objectives, else the sweep's (``trials.attrs``), else acc max / asr min."""
+    return dict(objectives or trials.attrs.get("objectives") or DEFAULT_OBJECTIVES)
+
+
+def front_mask(trials: pd.DataFrame, objectives: Mapping[str, str] | None = None) -> pd.Series:
+    """True for the finished trials on their group's Pareto front (``trials`` as
+    `analysis.load_sweep` returns them: ``outcome`` and ``group`` columns, metric columns)."""
+    goals = objectives_of(trials, objectives)
+    mask = pd.Series(False, index=trials.index)
+    finished = trials[trials["outcome"] == FINISHED]
+    for _, members in finished.groupby("group", sort=False):
+        rows = members[list(goals)].to_dict("records")
+        mask[members.index[front_indices(rows, goals)]] = True
+    return mask
+
+
+def pareto_front(trials: pd.DataFrame, objectives: Mapping[str, str] | None = None) -> pd.DataFrame:
+    """The Pareto-optimal finished trials, one front per ``group``, ordered as the sweep
+    prints them (by group, then best first in the first objective)."""
+    goals = objectives_of(trials, objectives)
+    first, mode = next(iter(goals.items()))
+    front = trials[front_mask(trials, goals)]
+    return front.sort_values(["group", first], ascending=[True, mode == "min"])
+
+
+def dominated_volume(points: Sequence[Sequence[float]], reference: Sequence[float]) -> float:
+    """Volume of the region that the points dominate and the reference point bounds, all
+    coordinates to be minimised. A point not better than the reference in every coordinate
+    adds nothing. Exact (slicing along the last coordinate); O(n² ...) in the number of
+    points, plenty for sweeps of hundreds of trials."""
+    inside = [tuple(p) for p in points if all(x < r for x, r in zip(p, reference, strict=True))]
+    if not inside:
+        return 0.0
+    if len(reference) == 1:
+        return reference[0] - min(p[0] for p in inside)
+    inside.sort(key=lambda p: p[-1])
+    volume = 0.0
+    for i, point in enumerate(inside):
+        upper = inside[i + 1][-1] if i + 1 < len(inside) else reference[-1]
+        if upper > point[-1]:  # slab [point, upper) along the last coordinate
+            slab = [p[:-1] for p in inside[: i + 1]]
+            volume += (upper - point[-1]) * dominated_volume(slab, reference[:-1])
+    return volume
+
+
+def percent_objectives(objectives: Mapping[str, str]) -> dict[str, str]:
+    """The objectives the hypervolume is measured over (those in percent)."""
+    return {m: mode for m, mode in objectives.items() if m in PERCENT_METRICS}
+
+
+def reference_text(objectives: Mapping[str, str], ideal: bool = False) -> str:
+    """The reference (worst) point, e.g. ``acc = 0 %, asr = 100 %``; or the ideal one."""
+    return ", ".join(
+        f"{m} = {0 if (mode == 'max') != ideal else 100} %"
+        for m, mode in percent_objectives(objectives).items()
+    )
+
+
+def _badness(row: Mapping[str, float], objectives: Mapping[str, str]) -> tuple[float, ...] | None:
+    """A trial's percent objectives mapped to [0, 1], 0 best and 1 the reference (worst)."""
+    values = []
+    for metric, mode in objectives.items():
+        value = row.get(metric)
+        if value is None or not math.isfinite(value):
+            return None
+        values.append((100 - value) / 100 if mode == "max" else value / 100)
+    return tuple(values)
+
+
+def hypervolume(trials: pd.DataFrame, objectives: Mapping[str, str] | None = None) -> float:
+    """Normalised hypervolume (0..1) that the finished trials dominate in the percent
+    objectives, all rows taken as one set (select a group first for a per-group value)."""
+    goals = percent_objectives(objectives_of(trials, objectives))
+    if not goals:
+        raise ValueError(f"no objective in percent ({', '.join(PERCENT_METRICS)})")
+    finished = trials[trials["outcome"] == FINISHED]
+    points = [_badness(r, goals) for r in finished[list(goals)].to_dict("records")]
+    return dominated_volume([p for p in points if p is not None], [1.0] * len(goals))
+
+
+def hypervolume_curve(
+    trials: pd.DataFrame, objectives: Mapping[str, str] | None = None
+) -> pd.DataFrame:
+    """Hypervolume of each group after each finished trial, in the order the trials finished:
+    columns ``finished`` (how many trials of the sweep had finished), ``group``,
+    ``hypervolume``; one row per group per step."""
+    goals = objectives_of(trials, objectives)
+    done = trials[trials["outcome"] == FINISHED].sort_values("end")
+    rows = []
+    for count in range(1, len(done) + 1):
+        seen = done.iloc[:count]
+        for group in dict.fromkeys(done["group"]):
+            members = seen[seen["group"] == group]
+            rows.append(
+                {"finished": count, "group": group, "hypervolume": hypervolume(members, goals)}
+            )
+    return pd.DataFrame(rows, columns=["finished", "group", "hypervolume"])

@@ -1,0 +1,309 @@
+"""The comparison tables of the two papers, from a sweep's finished trials.
+
+- **CAT paper, Table 2 layout** (`cat_table`): one row per attack setting, one column per
+  defense (``no defense`` = ``at.threat=none``, then each AT threat model with its budgets,
+  plus any other swept key that is not the attack, e.g. ``at.steps=10``); cells ``ACC / ASR``.
+  Per row the lowest ASR is bold and, with three or more defenses in the row, the
+  second-lowest underlined, as in the paper; an ``Average`` row (defenses that every
+  attack row has) closes the table as in the paper.
+- **Weng et al., Tables 1–8 layout** (`weng_table`, when the sweep trains Weng's
+  sticker / watermark / channel triggers): one row per trigger setting (attack keys plus the
+  other swept keys), columns standard training vs each adversarial training; cells
+  ``acc / robust acc / ASR``.
+
+Trials that differ only in ``train.seed`` share a cell: mean ± sample standard deviation
+(n - 1) over them. Values in percent, one decimal (as the sweep's own table); marks compare
+the values as shown, so equal shown values share a mark.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import pandas as pd
+
+from analysis.fronts import FINISHED
+from analysis.load import NO_AT, defense_text
+
+WENG_ATTACKS = ("sticker", "watermark", "channel")
+LABELS = {"acc": "ACC", "asr": "ASR", "robust_acc": "robust acc"}
+METRICS = tuple(LABELS)  # every cell keeps all three; a table shows some
+NO_DEFENSE = "no defense"
+STANDARD = "standard training"
+AVERAGE = "Average"
+BEST, SECOND = "best", "second"
+#: The marks' legend; each renderer fills in its own bold and underline.
+MARKS_NOTE = (
+    "Per row the lowest ASR is {bold} and the second-lowest {underlined} (with three or more "
+    "defenses in the row)."
+)
+
+
+@dataclass(frozen=True)
+class Cell:
+    """Trials of one (row, column): their count, and per metric mean and sample std (NaN
+    for a single trial)."""
+
+    n: int
+    mean: dict[str, float]
+    std: dict[str, float]
+
+    def text(self, metric: str) -> str:
+        mean, std = self.mean[metric], self.std[metric]
+        if not math.isfinite(mean):
+            return "–"
+        return f"{mean:.1f}" + (f" ± {std:.1f}" if math.isfinite(std) else "")
+
+
+@dataclass(frozen=True)
+class Table:
+    title: str
+    row_header: str
+    rows: list[str]
+    columns: list[str]
+    metrics: tuple[str, ...]
+    cells: dict[tuple[str, str], Cell]
+    marks: dict[tuple[str, str], str]  # (row, column) -> BEST or SECOND (its ASR)
+    note: str
+    marked: bool  # whether ASR marks apply (their legend follows the note)
+
+
+def _cell(members: pd.DataFrame) -> Cell:
+    return Cell(
+        n=len(members),
+        mean={m: float(members[m].mean()) for m in METRICS},
+        std={m: float(members[m].std(ddof=1)) for m in METRICS},  # NaN for one trial
+    )
+
+
+def _average(cells: list[Cell]) -> Cell:
+    return Cell(
+        n=len(cells),
+        mean={m: sum(c.mean[m] for c in cells) / len(cells) for m in METRICS},
+        std=dict.fromkeys(METRICS, math.nan),
+    )
+
+
+def asr_marks(cells: dict[tuple[str, str], Cell], rows: list[str]) -> dict[tuple[str, str], str]:
+    """Per row: the lowest shown ASR is BEST; with three or more cells in the row the next
+    lowest shown value is SECOND (ties share the mark)."""
+    marks: dict[tuple[str, str], str] = {}
+    for row in rows:
+        shown = {
+            key: round(cell.mean["asr"], 1)
+            for key, cell in cells.items()
+            if key[0] == row and math.isfinite(cell.mean["asr"])
+        }
+        ranked = sorted(set(shown.values()))
+        for key, value in shown.items():
+            if value == ranked[0]:
+                marks[key] = BEST
+            elif len(shown) >= 3 and value == ranked[1]:
+                marks[key] = SECOND
+    return marks
+
+
+def comparison(
+    trials: pd.DataFrame,
+    *,
+    row: pd.Series,
+    column: pd.Series,
+    metrics: tuple[str, ...],
+    title: str,
+    row_header: str,
+    note: str,
+    marked: bool,
+    average: bool,
+) -> Table:
+    """A rows × columns table over the finished trials; ``row``/``column`` label each trial
+    (Series aligned with ``trials``). Order: first appearance, ``no defense`` columns first."""
+    done = trials["outcome"] == FINISHED
+    labels = pd.DataFrame({"row": row[done], "column": column[done]})
+    rows = list(dict.fromkeys(labels["row"]))
+    columns = sorted(
+        dict.fromkeys(labels["column"]), key=lambda c: not c.startswith((NO_DEFENSE, STANDARD))
+    )
+    cells = {
+        (r, c): _cell(trials.loc[members.index])
+        for (r, c), members in labels.groupby(["row", "column"], sort=False)
+    }
+    if average and len(rows) > 1:
+        for c in columns:
+            if all((r, c) in cells for r in rows):
+                cells[AVERAGE, c] = _average([cells[r, c] for r in rows])
+        rows = [*rows, AVERAGE]
+    marks = asr_marks(cells, rows) if marked else {}
+    return Table(title, row_header, rows, columns, metrics, cells, marks, note, marked)
+
+
+def _seeds_note(trials: pd.DataFrame) -> str:
+    seeds = trials.loc[trials["outcome"] == FINISHED, "train.seed"].nunique()
+    return f"mean ± std over {seeds} seeds (train.seed)" if seeds > 1 else "one seed"
+
+
+def _defense(trials: pd.DataFrame, none: str, prefix: str = "") -> pd.Series:
+    labels = [
+        none if t == NO_AT else prefix + defense_text(t, b, none)
+        for t, b in zip(trials["threat"], trials["budgets"], strict=True)
+    ]
+    return pd.Series(labels, index=trials.index)
+
+
+def _joined(*parts: pd.Series) -> pd.Series:
+    return pd.concat(parts, axis=1).apply(lambda r: ", ".join(p for p in r if p), axis=1)
+
+
+def cat_table(trials: pd.DataFrame) -> Table:
+    """The CAT paper's Table 2 layout: attacks × defenses, ``ACC / ASR``."""
+    return comparison(
+        trials,
+        row=trials["setting"],
+        column=_joined(_defense(trials, NO_DEFENSE), trials["variant"]),
+        metrics=("acc", "asr"),
+        title="Attacks × defenses (CAT paper, Table 2 layout)",
+        row_header="Attack",
+        note=(
+            f"Cells: ACC / ASR in percent, {_seeds_note(trials)}. Average: mean over the "
+            "attack rows, for the defenses every row has."
+        ),
+        marked=True,
+        average=True,
+    )
+
+
+def has_weng_dimensions(trials: pd.DataFrame) -> bool:
+    """Whether the sweep trains Weng et al.'s clean-label triggers."""
+    done = trials[trials["outcome"] == FINISHED]
+    return bool(done["attack.name"].isin(WENG_ATTACKS).any())
+
+
+def weng_table(trials: pd.DataFrame) -> Table:
+    """Weng et al.'s layout: trigger settings × (standard vs adversarial training), cells
+    ``acc / robust acc / ASR``."""
+    return comparison(
+        trials,
+        row=_joined(trials["setting"], trials["variant"]),
+        column=_defense(trials, STANDARD, prefix="adversarial training: "),
+        metrics=("acc", "robust_acc", "asr"),
+        title="Trigger settings × training (Weng et al., Tables 1–8 layout)",
+        row_header="Trigger setting",
+        note=(
+            f"Cells: clean accuracy / robust accuracy (the run's eval.* attack) / backdoor "
+            f"success rate, in percent, {_seeds_note(trials)}."
+        ),
+        marked=False,
+        average=False,
+    )
+
+
+def tables(trials: pd.DataFrame) -> list[Table]:
+    """The tables this sweep has the dimensions for."""
+    found = [cat_table(trials)]
+    if has_weng_dimensions(trials):
+        found.append(weng_table(trials))
+    return found
+
+
+# ---------------------------------------------------------------------------------------------
+# Rendering: Markdown, HTML, and a long-format CSV (one line per cell).
+
+
+def _cell_text(table: Table, key: tuple[str, str], bold: str, underline: str) -> str:
+    cell = table.cells.get(key)
+    if cell is None:
+        return "—"
+    parts = []
+    for metric in table.metrics:
+        text = cell.text(metric)
+        if metric == "asr" and key in table.marks:
+            text = (bold if table.marks[key] == BEST else underline).format(text)
+        parts.append(text)
+    return " / ".join(parts)
+
+
+def _escape_md(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
+def to_markdown(table: Table) -> str:
+    metrics = " / ".join(LABELS[m] for m in table.metrics)
+    header = [table.row_header, *(f"{c} ({metrics})" for c in table.columns)]
+    lines = [
+        f"### {table.title}",
+        "",
+        "| " + " | ".join(map(_escape_md, header)) + " |",
+        "|" + "---|" * len(header),
+    ]
+    for row in table.rows:
+        cells = [_cell_text(table, (row, c), "**{}**", "<ins>{}</ins>") for c in table.columns]
+        lines.append("| " + " | ".join([_escape_md(row), *cells]) + " |")
+    note = table.note
+    if table.marked:
+        note += " " + MARKS_NOTE.format(bold="**bold**", underlined="<ins>underlined</ins>")
+    return "\n".join([*lines, "", note, ""])
+
+
+def to_html(table: Table) -> str:
+    """A ``<table>`` with the paper's two header rows (defense, then its metrics)."""
+    e = html.escape
+    width = len(table.metrics)
+    marks = (
+        " " + MARKS_NOTE.format(bold="<strong>bold</strong>", underlined="<u>underlined</u>")
+        if table.marked
+        else ""
+    )
+    head = (
+        f'<tr><th rowspan="2">{e(table.row_header)}</th>'
+        + "".join(f'<th colspan="{width}">{e(c)}</th>' for c in table.columns)
+        + "</tr><tr>"
+        + "".join(f"<th>{LABELS[m]}</th>" for _ in table.columns for m in table.metrics)
+        + "</tr>"
+    )
+    body = []
+    for row in table.rows:
+        tds = []
+        for column in table.columns:
+            cell = table.cells.get((row, column))
+            for metric in table.metrics:
+                text = e(cell.text(metric)) if cell else "—"
+                mark = table.marks.get((row, column)) if metric == "asr" else None
+                if mark == BEST:
+                    text = f"<strong>{text}</strong>"
+                elif mark == SECOND:
+                    text = f"<u>{text}</u>"
+                tds.append(f"<td>{text}</td>")
+        cls = ' class="average"' if row == AVERAGE else ""
+        body.append(f"<tr{cls}><th>{e(row)}</th>{''.join(tds)}</tr>")
+    return (
+        f'<h3>{e(table.title)}</h3>\n<table class="paper">\n<thead>{head}</thead>\n<tbody>\n'
+        + "\n".join(body)
+        + f'\n</tbody></table>\n<p class="note">{e(table.note)}{marks}</p>\n'
+    )
+
+
+def to_frame(tables_: list[Table]) -> pd.DataFrame:
+    """All cells of all tables, one line each: ``table``, ``row``, ``column``, ``n``,
+    ``<metric>_mean``/``<metric>_std`` for acc, asr and robust_acc, and ``asr_mark``
+    (best / second / empty)."""
+    lines: list[dict[str, Any]] = []
+    for table in tables_:
+        for row in table.rows:
+            for column in table.columns:
+                cell = table.cells.get((row, column))
+                if cell is None:
+                    continue
+                line: dict[str, Any] = {
+                    "table": table.title,
+                    "row": row,
+                    "column": column,
+                    "n": cell.n,
+                }
+                for metric in METRICS:
+                    line[f"{metric}_mean"] = cell.mean[metric]
+                    line[f"{metric}_std"] = cell.std[metric]
+                line["asr_mark"] = table.marks.get((row, column), "")
+                lines.append(line)
+    return pd.DataFrame(lines)
