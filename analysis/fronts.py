@@ -95,15 +95,24 @@ def _badness(row: Mapping[str, float], objectives: Mapping[str, str]) -> tuple[f
     return tuple(values)
 
 
-def hypervolume(trials: pd.DataFrame, objectives: Mapping[str, str] | None = None) -> float:
-    """Normalised hypervolume (0..1) that the finished trials dominate in the percent
-    objectives, all rows taken as one set (select a group first for a per-group value)."""
+def _goals(trials: pd.DataFrame, objectives: Mapping[str, str] | None) -> dict[str, str]:
     goals = percent_objectives(objectives_of(trials, objectives))
     if not goals:
         raise ValueError(f"no objective in percent ({', '.join(PERCENT_METRICS)})")
+    return goals
+
+
+def hypervolume(trials: pd.DataFrame, objectives: Mapping[str, str] | None = None) -> float:
+    """Normalised hypervolume (0..1) that the finished trials dominate in the percent
+    objectives, all rows taken as one set (select a group first for a per-group value)."""
+    goals = _goals(trials, objectives)
     finished = trials[trials["outcome"] == FINISHED]
     points = [_badness(r, goals) for r in finished[list(goals)].to_dict("records")]
     return dominated_volume([p for p in points if p is not None], [1.0] * len(goals))
+
+
+def _covers(a: tuple[float, ...], b: tuple[float, ...]) -> bool:
+    return all(x <= y for x, y in zip(a, b, strict=True))
 
 
 def hypervolume_curve(
@@ -111,15 +120,20 @@ def hypervolume_curve(
 ) -> pd.DataFrame:
     """Hypervolume of each group after each finished trial, in the order the trials finished:
     columns ``finished`` (how many trials of the sweep had finished), ``group``,
-    ``hypervolume``; one row per group per step."""
-    goals = objectives_of(trials, objectives)
+    ``hypervolume``; one row per group per step. Each group keeps only its non-dominated
+    points (they alone make the volume), so a long sweep costs little more than a short one."""
+    goals = _goals(trials, objectives)
     done = trials[trials["outcome"] == FINISHED].sort_values("end")
+    groups = list(dict.fromkeys(done["group"]))
+    fronts: dict[str, list[tuple[float, ...]]] = {g: [] for g in groups}
+    volumes = dict.fromkeys(groups, 0.0)
     rows = []
-    for count in range(1, len(done) + 1):
-        seen = done.iloc[:count]
-        for group in dict.fromkeys(done["group"]):
-            members = seen[seen["group"] == group]
-            rows.append(
-                {"finished": count, "group": group, "hypervolume": hypervolume(members, goals)}
-            )
+    records = done[list(goals)].to_dict("records")
+    for count, (group, row) in enumerate(zip(done["group"], records, strict=True), start=1):
+        point = _badness(row, goals)
+        front = fronts[group]
+        if point is not None and not any(_covers(p, point) for p in front):
+            fronts[group] = [p for p in front if not _covers(point, p)] + [point]
+            volumes[group] = dominated_volume(fronts[group], [1.0] * len(goals))
+        rows += [{"finished": count, "group": g, "hypervolume": volumes[g]} for g in groups]
     return pd.DataFrame(rows, columns=["finished", "group", "hypervolume"])

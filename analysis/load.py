@@ -12,6 +12,7 @@ import logging
 import math
 import os
 import tempfile
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -278,6 +279,11 @@ def is_threat_key(key: str) -> bool:
     return key in THREAT_KEYS or (key.startswith("at.") and key.endswith(THREAT_KEY_SUFFIXES))
 
 
+def _usual(keys: list[str], flats: list[dict[str, Any]]) -> dict[str, str]:
+    """The most common value (repr) of each key; the first seen wins a tie."""
+    return {k: Counter(repr(f[k]) for f in flats).most_common(1)[0][0] for k in keys}
+
+
 def _outcome(run: Any) -> str:
     return run.data.tags.get(OUTCOME, "unknown")
 
@@ -287,8 +293,10 @@ def trial_frame(runs: list[Any]) -> pd.DataFrame:
     id), ``run_name``, ``outcome``, ``status``, ``start``/``end`` (UTC), ``group`` (the
     sweep's environment group, see below), ``attack``/``threat``/``budgets`` (as the sweep
     prints them), ``budget`` (single threat model: its budget; no AT: 0; composite: NaN),
-    ``setting`` (the attack as people read it), ``variant`` (other swept keys that are not
-    the threat model, e.g. ``at.steps=10``), the final metrics (NaN where absent), then every
+    ``setting`` (the attack as people read it, with the attack keys where the trial departs
+    from the sweep's usual value, e.g. ``sticker, trigger_size=2``), ``variant`` (the same
+    for other swept keys that are not the threat model, e.g. ``at.steps=10``), the final
+    metrics (NaN where absent), then every
     run-config key typed, and the ``resolved.*`` params as logged.
 
     ``group``: as `bdat_ray.sweep.trial_rows` — the values of the ``attack.*``/``data.*``
@@ -297,6 +305,7 @@ def trial_frame(runs: list[Any]) -> pd.DataFrame:
     runs = sorted(runs, key=lambda r: r.info.start_time)
     flats = [config_of(r.data.params) for r in runs]
     environment = [k for k in varying_keys(flats) if k.startswith(ENVIRONMENT_PREFIXES)]
+    attack_keys = [k for k in environment if k not in ("attack.name", "attack.label_mode")]
     # What sets finished trials apart besides attack and threat model: failed trials (a
     # diverging learning rate) would otherwise label every finished one with their key.
     finished = [f for r, f in zip(runs, flats, strict=True) if _outcome(r) == "finished"]
@@ -305,15 +314,21 @@ def trial_frame(runs: list[Any]) -> pd.DataFrame:
         for k in varying_keys(finished)
         if k not in environment and k not in REPEAT_KEYS and not is_threat_key(k)
     ]
+    usual = {**_usual(attack_keys, flats), **_usual(others, finished)}
+
+    def unusual(flat: Mapping[str, Any], keys: list[str]) -> list[str]:
+        """``key=value`` where the trial departs from the sweep's usual value (the paper's
+        baseline in variant spaces: a table row names what its variant changed)."""
+        return [
+            f"{k.removeprefix('attack.')}={shown(k, flat[k], flat)}"
+            for k in keys
+            if repr(flat[k]) != usual[k]
+        ]
+
     rows = []
     for run, flat in zip(runs, flats, strict=True):
         tags, metrics = run.data.tags, run.data.metrics
         what = _described(flat)
-        details = [
-            f"{k.removeprefix('attack.')}={shown(k, flat[k], flat)}"
-            for k in environment
-            if k not in ("attack.name", "attack.label_mode")
-        ]
         rows.append(
             {
                 "run_id": run.info.run_id,
@@ -329,8 +344,8 @@ def trial_frame(runs: list[Any]) -> pd.DataFrame:
                 ),
                 "group": ", ".join(f"{k}={flat.get(k)}" for k in environment),
                 **what,
-                "setting": ", ".join([what["attack"], *details]),
-                "variant": ", ".join(f"{k}={shown(k, flat[k], flat)}" for k in others),
+                "setting": ", ".join([what["attack"], *unusual(flat, attack_keys)]),
+                "variant": ", ".join(unusual(flat, others)),
                 **{m: metrics.get(m, math.nan) for m in METRICS},
                 **flat,
                 **{k: v for k, v in run.data.params.items() if k.startswith(RESOLVED)},

@@ -13,7 +13,6 @@ display needed) and written as PNG.
 
 from __future__ import annotations
 
-import logging
 import math
 from collections.abc import Mapping
 from pathlib import Path
@@ -25,8 +24,6 @@ from analysis.fronts import FINISHED, front_mask, hypervolume_curve, reference_t
 from analysis.load import NO_AT, defense_text
 from bdat_ray.config import leaf
 from bdat_ray.search_space import format_budget
-
-log = logging.getLogger(__name__)
 
 METRIC_LABELS = {
     "acc": "clean accuracy ACC (%)",
@@ -151,7 +148,8 @@ def pareto_plot(
         ax.grid(alpha=0.3)
     for ax in axes[len(groups) :]:
         ax.set_visible(False)
-    for ax in axes[(rows - 1) * cols :]:
+    for ax in axes[max(len(groups) - cols, 0) : len(groups)]:  # the lowest panel per column
+        ax.xaxis.set_tick_params(labelbottom=True)
         ax.set_xlabel(METRIC_LABELS.get(x, x) + (" ↓" if objectives.get(x) == "min" else ""))
     for ax in axes[::cols]:
         ax.set_ylabel(METRIC_LABELS.get(y, y) + (" ↑" if objectives.get(y) == "max" else ""))

@@ -153,7 +153,8 @@ def _defense(trials: pd.DataFrame, none: str, prefix: str = "") -> pd.Series:
 
 
 def _joined(*parts: pd.Series) -> pd.Series:
-    return pd.concat(parts, axis=1).apply(lambda r: ", ".join(p for p in r if p), axis=1)
+    joined = [", ".join(p for p in row if p) for row in zip(*parts, strict=True)]
+    return pd.Series(joined, index=parts[0].index, dtype=object)
 
 
 def cat_table(trials: pd.DataFrame) -> Table:
@@ -230,7 +231,7 @@ def _escape_md(text: str) -> str:
 
 def to_markdown(table: Table) -> str:
     metrics = " / ".join(LABELS[m] for m in table.metrics)
-    header = [table.row_header, *(f"{c} ({metrics})" for c in table.columns)]
+    header = [f"{table.row_header} (cells: {metrics})", *table.columns]
     lines = [
         f"### {table.title}",
         "",
