@@ -250,6 +250,15 @@ def mark_trial(sweep: SweepTracking, trial_id: str, outcome: str, reason: str = 
     client.set_terminated(run.info.run_id, "KILLED" if outcome == "early_stopped" else "FAILED")
 
 
+def note_recovery(sweep: SweepTracking, trial_id: str, reason: str) -> None:
+    """Driver side: a trial failed and Ray retries it; the error stays on its run as
+    ``recovered_error`` (a killed process cannot record it itself)."""
+    client = _client(sweep.uri)
+    run = find_trial_run(client, sweep, trial_id)
+    if run is not None:
+        client.set_tag(run.info.run_id, f"{TAG}recovered_error", reason[:4000])
+
+
 def find_trial_run(client: Any, sweep: SweepTracking, trial_id: str) -> Any:
     runs = client.search_runs(
         [sweep.experiment_id],
@@ -317,10 +326,9 @@ class TrialRun:
             return cls(sweep, run_id, client, set(), final)
         attempts = int(run_tags.get(f"{TAG}attempts", "1")) + 1
         client.set_tag(run_id, f"{TAG}attempts", str(attempts))
-        if f"{TAG}failure" in run_tags:  # a recovered error: keep it, but not as the outcome
-            client.set_tag(run_id, f"{TAG}recovered_error", run_tags[f"{TAG}failure"])
-            client.delete_tag(run_id, f"{TAG}failure")
-            client.delete_tag(run_id, f"{TAG}failure_kind")
+        for key in (f"{TAG}failure", f"{TAG}failure_kind"):  # the previous attempt's; the
+            if key in run_tags:  # driver keeps it as recovered_error (`note_recovery`)
+                client.delete_tag(run_id, key)
         for key, value in {**tags, f"{TAG}outcome": "running"}.items():
             client.set_tag(run_id, key, value)
         client.update_run(run_id, status="RUNNING")

@@ -28,10 +28,13 @@ from ray import tune
 from ray.tune.search.optuna import OptunaSearch
 
 from bdat_ray.search_space import describe_trial
-from bdat_ray.tracking import SweepTracking, mark_trial
+from bdat_ray.tracking import SweepTracking, mark_trial, note_recovery
 
 progress = logging.getLogger("bdat_ray.progress")
 
+#: Written beside the engine's state.pt in every checkpoint: the epoch it holds, so a
+#: resumed trial can say where it continued without loading the whole state.
+EPOCH_MARKER = "epoch.txt"
 #: Grid spaces put each trial's overrides under this key of the Tune config (one grid value
 #: per trial, so conditional dimensions can be expanded ahead of time).
 GRID_POINT = "grid_point"
@@ -94,8 +97,9 @@ def run_trial(config: dict[str, Any], settings: TrialSettings, data: Any = None)
     run.log_params(cfg.to_flat())
     run.set_tags({"bdat_ray.config_hash": cfg.hash()})
 
-    def on_epoch(metrics: dict[str, float], checkpoint_dir: Path | None) -> None:
+    def on_epoch(metrics: dict[str, float], checkpoint_dir: Path) -> None:
         run.log_epoch(metrics)
+        (checkpoint_dir / EPOCH_MARKER).write_text(str(int(metrics["epoch"])))
         tune.report(
             {**metrics, "epochs": cfg.train.epochs, "final": False, "mlflow_run_id": run.run_id},
             checkpoint=tune.Checkpoint.from_directory(checkpoint_dir),  # copied right away
@@ -104,8 +108,10 @@ def run_trial(config: dict[str, Any], settings: TrialSettings, data: Any = None)
     with tempfile.TemporaryDirectory(prefix="bdat_trial_") as tmp:
         workdir = Path(tmp)
         resume_from = None
-        if (checkpoint := tune.get_checkpoint()) is not None:
-            resume_from = checkpoint.to_directory(str(workdir / "resume"))
+        if (checkpoint := tune.get_checkpoint()) is not None:  # a retry, or --resume
+            resume_from = Path(checkpoint.to_directory(str(workdir / "resume")))
+            epoch = (resume_from / EPOCH_MARKER).read_text()
+            run.set_tags({"bdat_ray.resumed_after_epoch": epoch})
         try:
             result = fit(
                 cfg, workdir=workdir, resume_from=resume_from, on_epoch=on_epoch, data=data
@@ -242,11 +248,11 @@ class SweepProgress(tune.Callback):
         kind, message = _error(trial)
         if kind == "TrialFailedBefore":
             return  # the first failure was reported; this retry ended at once
-        note = (
-            "not retrained: a retry would repeat it"
-            if kind in DETERMINISTIC_ERRORS
-            else "retrying from its last checkpoint"
-        )
+        if kind in DETERMINISTIC_ERRORS:
+            note = "not retrained: a retry would repeat it"
+        else:
+            note = "retrying from its last checkpoint"
+            note_recovery(self.tracking, trial.trial_id, f"{kind}: {message}")
         progress.info("%s %s: %s — %s", self._label(trials, trial), kind, message, note)
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
