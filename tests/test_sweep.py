@@ -91,6 +91,59 @@ def sweep_dir(storage: Path) -> Path:
     return path
 
 
+def session_processes(sid: int) -> dict[int, str]:
+    """pid -> command line of the live processes of session ``sid`` (Linux /proc)."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
+        except OSError:
+            continue
+        if int(fields[3]) == sid and fields[0] != "Z":
+            found[int(entry.name)] = cmdline
+    return found
+
+
+def _wait_for_session_exit(sid: int, timeout: float = 30) -> None:
+    """Ray's workers sit in their own process groups but in the driver's session."""
+    deadline = time.time() + timeout
+    while session_processes(sid):
+        assert time.time() < deadline, f"processes of session {sid} outlived the kill"
+        time.sleep(0.2)
+
+
+def start_driver(args: list[str], cwd: Path) -> tuple[subprocess.Popen, Path]:
+    """A sweep in its own session (so the test can kill all of it), logging to a file."""
+    log = cwd / "driver.log"
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "bdat_ray.sweep", *args],
+        cwd=cwd,
+        env=clean_env(),
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    return driver, log
+
+
+def wait_for_children(driver, log: Path, uri: str, experiment: str, ready, timeout=300):
+    """Poll the sweep's child runs until ``ready(client, children)``; returns (client,
+    children). The store is opened only once the driver has created it (printed its sweep
+    id): two processes creating MLflow's tables in one new sqlite file collide."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and driver.poll() is None:
+        time.sleep(0.5)
+        if "sweep id" not in log.read_text():
+            continue
+        client, _, children = mlflow_runs(uri, experiment)
+        if ready(client, children):
+            return client, children
+    raise AssertionError(f"sweep ended or timed out first:\n{log.read_text()[-3000:]}")
+
+
 # ---------------------------------------------------------------------------------------------
 # A small grid sweep: two trials that train, one that diverges.
 
@@ -268,7 +321,6 @@ def test_optuna_study_is_readable_after_the_driver_exits(tmp_path):
 
 def test_resume_after_the_driver_is_killed_loses_and_repeats_nothing(tmp_path):
     import optuna
-    from mlflow import MlflowClient
     from ray.tune import ExperimentAnalysis
 
     space = space_file(
@@ -277,7 +329,7 @@ def test_resume_after_the_driver_is_killed_loses_and_repeats_nothing(tmp_path):
         fixed:
           train.epochs: 4
           at.threat: linf
-          at.steps: 2
+          at.steps: 4                 # ~2.5 s epochs: longer than Tune's 1 s snapshots
           eval.robust_samples: 64
           eval.steps: 2
         dimensions:
@@ -289,40 +341,29 @@ def test_resume_after_the_driver_is_killed_loses_and_repeats_nothing(tmp_path):
     )
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     args = ["--mlflow-uri", uri, "--storage", "out"]
-    log = (tmp_path / "first.log").open("w")
-    driver = subprocess.Popen(
-        [sys.executable, "-m", "bdat_ray.sweep", "--space", str(space), *args],
-        cwd=tmp_path,
-        env=clean_env(),
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,  # its own process group: Ray's processes die with it
-    )
-    done_before: dict[str, int] = {}
-    deadline = time.time() + 300
-    while time.time() < deadline and driver.poll() is None:
-        time.sleep(0.5)
-        if not (tmp_path / "mlflow.db").exists():
-            continue
-        try:
-            _, _, children = mlflow_runs(uri, "killed")
-        except Exception:  # the experiment is not created yet
-            continue
+    driver, log = start_driver(["--space", str(space), *args], tmp_path)
+
+    def mid_sweep(client, children) -> bool:  # a trial done, another in mid-training
         finished = [c for c in children if c.info.status == "FINISHED"]
-        if finished:
-            done_before = {c.info.run_id: c.info.end_time for c in finished}
-            break
-    assert driver.poll() is None, "the sweep ended before it could be killed"
-    os.killpg(driver.pid, signal.SIGKILL)
+        running = [c for c in children if c.info.status == "RUNNING"]
+        return bool(finished) and any(len(epochs_logged(client, c)) in (2, 3) for c in running)
+
+    client, _ = wait_for_children(driver, log, uri, "killed", mid_sweep)
+    os.killpg(driver.pid, signal.SIGKILL)  # the driver and the Ray it started
     driver.wait()
-    _wait_for_group_exit(driver.pid)
-    assert 1 <= len(done_before) < 4, "kill it mid-sweep: some finished, some not"
+    _wait_for_session_exit(driver.pid)
+    # Read after the kill: a trial may have finished logging in the moment before it.
+    children = mlflow_runs(uri, "killed")[2]
+    done_before = {c.info.run_id: c.info.end_time for c in children if c.info.status == "FINISHED"}
+    in_flight = {
+        c.info.run_id: len(epochs_logged(client, c)) for c in children if c.info.status == "RUNNING"
+    }
+    assert 1 <= len(done_before) < 4 and any(n >= 2 for n in in_flight.values())
 
     proc = run_cli(["--resume", *args], tmp_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "4 finished of 4 trials" in proc.stdout
 
-    client = MlflowClient(uri)
     _, parents, children = mlflow_runs(uri, "killed")
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     assert len(children) == 4 and all(c.info.status == "FINISHED" for c in children)
@@ -331,6 +372,11 @@ def test_resume_after_the_driver_is_killed_loses_and_repeats_nothing(tmp_path):
     for run_id, end_time in done_before.items():  # finished trials were not run again
         run = client.get_run(run_id)
         assert run.info.end_time == end_time and run.data.tags["bdat_ray.attempts"] == "1"
+    # Trials in flight went on from a checkpoint, not from scratch: from the one in Tune's
+    # last state snapshot (at most ~1 s old, so possibly an epoch behind the newest).
+    for run_id, logged in in_flight.items():
+        if logged >= 2:
+            assert int(client.get_run(run_id).data.tags["bdat_ray.resumed_after_epoch"]) >= 1
     directory = sweep_dir(tmp_path / "out")
     trials = ExperimentAnalysis(str(directory)).trials
     assert sorted(t.status for t in trials) == ["TERMINATED"] * 4
@@ -341,15 +387,41 @@ def test_resume_after_the_driver_is_killed_loses_and_repeats_nothing(tmp_path):
     assert all(t.state.name in ("COMPLETE", "FAIL") for t in study.trials)
 
 
-def _wait_for_group_exit(pgid: int, timeout: float = 30) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        try:
-            os.killpg(pgid, 0)
-        except ProcessLookupError:
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"processes of group {pgid} outlived the kill")
+def test_a_killed_trial_process_is_retried_from_its_last_checkpoint(tmp_path):
+    from ray.tune import ExperimentAnalysis
+
+    space = space_file(
+        tmp_path,
+        "fixed:\n  train.epochs: 6\ndimensions:\n  train.seed: {grid: [0, 1]}\n",
+        "retried",
+    )
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    args = ["--space", str(space), "--mlflow-uri", uri, "--storage", "out"]
+    driver, log = start_driver(args, tmp_path)
+    client, _ = wait_for_children(
+        driver,
+        log,
+        uri,
+        "retried",
+        lambda client, children: any(len(epochs_logged(client, c)) >= 2 for c in children),
+    )
+    # A lost worker (a reclaimed spot node, an OOM kill): SIGKILL one trial's process.
+    workers = [pid for pid, cmd in session_processes(driver.pid).items() if "ImplicitFunc" in cmd]
+    assert workers, session_processes(driver.pid)
+    os.kill(workers[0], signal.SIGKILL)
+    assert driver.wait(timeout=300) == 0, log.read_text()[-3000:]
+
+    _, _, children = mlflow_runs(uri, "retried")
+    assert len(children) == 2 and all(c.info.status == "FINISHED" for c in children)
+    (retried,) = [c for c in children if c.data.tags["bdat_ray.attempts"] == "2"]
+    assert int(retried.data.tags["bdat_ray.resumed_after_epoch"]) >= 1  # not from scratch
+    assert "died" in retried.data.tags["bdat_ray.recovered_error"]
+    assert "bdat_ray.failure" not in retried.data.tags
+    for child in children:
+        assert epochs_logged(client, child) == [1, 2, 3, 4, 5, 6]
+    trials = ExperimentAnalysis(str(sweep_dir(tmp_path / "out"))).trials
+    assert sorted(t.num_failures for t in trials) == [0, 1]
+    assert "retrying from its last checkpoint" in log.read_text()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -412,7 +484,7 @@ def mlflow_server(tmp_path):
     yield {"url": url, "port": port, "artifacts": artifacts}
     os.killpg(server.pid, signal.SIGTERM)
     server.wait(timeout=30)
-    _wait_for_group_exit(server.pid)
+    _wait_for_session_exit(server.pid)
 
 
 def test_sweep_logs_to_a_real_mlflow_server(tmp_path, mlflow_server, digits):
@@ -459,7 +531,9 @@ def test_trials_spread_over_worker_nodes_into_one_experiment(tmp_path):
         initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False}
     )
     try:
-        workers = [cluster.add_node(num_cpus=1) for _ in range(2)]
+        # Two worker nodes with one (logical) GPU each; trials take half a GPU and half a
+        # CPU, so four run at once, two per node. device=cpu: there is no real GPU here.
+        workers = [cluster.add_node(num_cpus=1, num_gpus=1) for _ in range(2)]
         cluster.wait_for_nodes()
         space = space_file(
             tmp_path,
@@ -467,18 +541,23 @@ def test_trials_spread_over_worker_nodes_into_one_experiment(tmp_path):
             "spread",
         )
         uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+        args = ["--space", str(space), "--mlflow-uri", uri, "--storage", "out", "device=cpu"]
         proc = run_cli(
-            ["--space", str(space), "--mlflow-uri", uri, "--storage", "out"],
+            [*args, "--gpus-per-trial", "0.5", "--cpus-per-trial", "0.5"],
             tmp_path,
             env=clean_env(RAY_ADDRESS=cluster.address),
         )
         assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert "0.5 CPU + 0.5 GPU per trial" in proc.stdout
         _, parents, children = mlflow_runs(uri, "spread")
         assert len(parents) == 1 and len(children) == 4
         assert len({c.info.experiment_id for c in children + parents}) == 1
         assert all(c.info.status == "FINISHED" for c in children)
-        nodes = {c.data.tags["bdat_ray.node_id"] for c in children}
-        assert nodes == {w.node_id for w in workers}  # both workers, never the 0-CPU head
+        nodes = [c.data.tags["bdat_ray.node_id"] for c in children]
+        assert sorted(nodes) == sorted(2 * [w.node_id for w in workers])  # never the head
+        for child in children:  # GPU-seconds: seconds × GPUs requested per trial
+            metrics = child.data.metrics
+            assert metrics["gpu_seconds"] == pytest.approx(0.5 * metrics["seconds"])
     finally:
         ray.shutdown()
         cluster.shutdown()

@@ -67,6 +67,7 @@ def test_parent_and_child_runs_and_a_retry_that_continues(sweep):
     assert "epoch_images_per_s" in child.data.metrics  # the final images_per_s is the run's
 
     run.fail("error", "RuntimeError: node lost")  # a retryable failure, then Ray's retry:
+    tracking.note_recovery(sweep, "t1", "RuntimeError: node lost")  # (by the driver)
     again = tracking.TrialRun.open(sweep, trial_id="t1", trial_name="trial_t1", tags={})
     assert again.run_id == run.run_id and again.logged_epochs == {1}
     again.log_epoch({"epoch": 1, "acc": 50.0})  # re-run after an older checkpoint: skipped
@@ -75,7 +76,8 @@ def test_parent_and_child_runs_and_a_retry_that_continues(sweep):
     assert [m.step for m in client.get_metric_history(run.run_id, "acc")] == [1, 2]
     assert child.info.status == "RUNNING" and child.data.tags["bdat_ray.attempts"] == "2"
     assert child.data.tags["bdat_ray.recovered_error"] == "RuntimeError: node lost"
-    assert "bdat_ray.failure" not in child.data.tags
+    assert "bdat_ray.failure" not in child.data.tags  # the outcome is not decided yet
+    assert child.data.tags["bdat_ray.outcome"] == "running"
 
 
 def test_a_diverged_trial_is_not_trained_again(sweep):
