@@ -120,13 +120,15 @@ def hypervolume_curve(
 ) -> pd.DataFrame:
     """Hypervolume of each group after each finished trial, in the order the trials finished:
     columns ``finished`` (how many trials of the sweep had finished), ``group``,
-    ``hypervolume``; one row per group per step. Each group keeps only its non-dominated
-    points (they alone make the volume), so a long sweep costs little more than a short one."""
+    ``hypervolume``; one row per group per step from the group's first finished trial on.
+    Each group keeps only its non-dominated points (they alone make the volume), so a long
+    sweep costs little more than a short one."""
     goals = _goals(trials, objectives)
     done = trials[trials["outcome"] == FINISHED].sort_values("end")
     groups = list(dict.fromkeys(done["group"]))
     fronts: dict[str, list[tuple[float, ...]]] = {g: [] for g in groups}
     volumes = dict.fromkeys(groups, 0.0)
+    seen: set[str] = set()
     rows = []
     records = done[list(goals)].to_dict("records")
     for count, (group, row) in enumerate(zip(done["group"], records, strict=True), start=1):
@@ -135,5 +137,8 @@ def hypervolume_curve(
         if point is not None and not any(_covers(p, point) for p in front):
             fronts[group] = [p for p in front if not _covers(point, p)] + [point]
             volumes[group] = dominated_volume(fronts[group], [1.0] * len(goals))
-        rows += [{"finished": count, "group": g, "hypervolume": volumes[g]} for g in groups]
+        seen.add(group)
+        rows += [
+            {"finished": count, "group": g, "hypervolume": volumes[g]} for g in groups if g in seen
+        ]
     return pd.DataFrame(rows, columns=["finished", "group", "hypervolume"])

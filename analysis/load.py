@@ -21,7 +21,13 @@ from typing import Any
 import pandas as pd
 
 from bdat_ray.config import ConfigError, at_components, from_flat, leaf, leaf_keys, parse_value
-from bdat_ray.search_space import DEFAULT_OBJECTIVES, METRICS, describe_trial, format_budget
+from bdat_ray.search_space import (
+    DEFAULT_OBJECTIVES,
+    METRICS,
+    describe_trial,
+    format_budget,
+    show_value,
+)
 from bdat_ray.sweep import ENVIRONMENT_PREFIXES, varying_keys
 from bdat_ray.tracking import TAG, redact, resolve_tracking_uri
 
@@ -221,7 +227,7 @@ def _space_text(client: Any, parent: Any) -> str | None:
 def config_of(params: Mapping[str, str]) -> dict[str, Any]:
     """A child run's params -> the typed flat run config. Keys the run did not log take
     their schema default (a trial whose config was refused logs only its overrides); keys
-    the schema no longer knows (older runs) are dropped."""
+    the schema no longer knows (older runs) are dropped, values it refuses stay as logged."""
     flat = {key: leaf(key).default for key in leaf_keys()}  # schema order
     for key, raw in params.items():
         if key in flat:
@@ -253,15 +259,20 @@ def shown(key: str, value: Any, flat: Mapping[str, Any]) -> str:
     """A config value for people: budgets as the sweep shows them (``8/255`` for pixel
     units), other floats to 4 significant digits."""
     if isinstance(value, float) and key.endswith(("eps", "step_size")):
-        section = key.split(".")[0]
-        if section == "eval":
-            threat = flat["eval.threat"]
-        elif key.count(".") == 2:
-            threat = key.split(".")[1]  # at.<threat>.eps
-        else:
-            threat = flat.get(f"{section}.threat", "")
-        return format_budget(str(threat), value)
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
+        return format_budget(str(_unit_of(key, flat)), value)
+    return show_value(value)
+
+
+def _unit_of(key: str, flat: Mapping[str, Any]) -> Any:
+    """The threat model whose unit a budget key is in (`format_budget` shows pixel units
+    as k/255): ``eval.*`` the evaluation attack's, ``at.<threat>.*`` its threat's, ``at.eps``
+    the trained threat's, ``attack.lc.eps`` the LC perturbation's norm."""
+    parts = key.split(".")
+    if parts[0] == "eval":
+        return flat["eval.threat"]
+    if parts[0] == "at":
+        return parts[1] if len(parts) == 3 else flat["at.threat"]
+    return flat["attack.lc.norm"] if key.startswith("attack.lc.") else ""
 
 
 def defense_text(threat: str, budgets: str, none: str, composite_sep: str = " ") -> str:

@@ -26,7 +26,7 @@ figure { margin: 1.5em 0; } figure img { max-width: 100%; border: 1px solid #ddd
 figcaption { color: #444; font-size: 0.92em; max-width: 75em; }
 table { border-collapse: collapse; margin: 0.8em 0; font-size: 0.9em; }
 th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: right; }
-th { background: #f3f3f3; } tbody th { text-align: left; font-weight: 500; }
+th { background: #f3f3f3; text-align: center; } tbody th { text-align: left; font-weight: 500; }
 tr.average th, tr.average td { border-top: 2px solid #888; }
 td.text { text-align: left; } tr.front td { background: #fff6d6; }
 p.note { color: #555; font-size: 0.9em; } pre { background: #f6f6f6; padding: 0.8em; }
@@ -91,6 +91,12 @@ def _meta(sweep: Sweep, ui_url: str) -> str:
         ),
         ("models", f"registered as <code>{e(sweep.experiment)}-pareto</code> (the front)"),
     ]
+    if sweep.tags.get("bdat_ray.optuna_storage"):  # Optuna spaces: the study outlives the sweep
+        load = (
+            f"optuna.load_study(study_name='{sweep.tags.get('bdat_ray.optuna_study', '')}', "
+            f"storage='sqlite:///{sweep.tags['bdat_ray.optuna_storage']}')"
+        )
+        items.append(("Optuna study", f"<code>{e(load)}</code>"))
     if sweep.params.get("overrides"):
         items.insert(4, ("pinned", f"<code>{e(sweep.params['overrides'])}</code>"))
     return '<dl class="meta">' + "".join(f"<dt>{k}</dt><dd>{v}</dd>" for k, v in items) + "</dl>"

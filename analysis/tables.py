@@ -5,7 +5,8 @@
   plus any other swept key that is not the attack, e.g. ``at.steps=10``); cells ``ACC / ASR``.
   Per row the lowest ASR is bold and, with three or more defenses in the row, the
   second-lowest underlined, as in the paper; an ``Average`` row (defenses that every
-  attack row has) closes the table as in the paper.
+  attack row has) closes the table as in the paper. More than `MAX_COLUMNS` defenses (an
+  Optuna sweep over budgets makes every trial its own) are written transposed.
 - **Weng et al., Tables 1–8 layout** (`weng_table`, when the sweep trains Weng's
   sticker / watermark / channel triggers): one row per trigger setting (attack keys plus the
   other swept keys), columns standard training vs each adversarial training; cells
@@ -37,9 +38,12 @@ AVERAGE = "Average"
 BEST, SECOND = "best", "second"
 #: The marks' legend; each renderer fills in its own bold and underline.
 MARKS_NOTE = (
-    "Per row the lowest ASR is {bold} and the second-lowest {underlined} (with three or more "
-    "defenses in the row)."
+    "Per attack the lowest ASR is {bold} and the second-lowest {underlined} (with three or "
+    "more defenses for it)."
 )
+#: Wider tables are written transposed, one line per column (an Optuna sweep over budgets
+#: makes every trial its own defense).
+MAX_COLUMNS = 10
 
 
 @dataclass(frozen=True)
@@ -61,7 +65,8 @@ class Cell:
 @dataclass(frozen=True)
 class Table:
     title: str
-    row_header: str
+    row_header: str  # what rows are (Attack), and columns (Defense)
+    column_header: str
     rows: list[str]
     columns: list[str]
     metrics: tuple[str, ...]
@@ -69,6 +74,20 @@ class Table:
     marks: dict[tuple[str, str], str]  # (row, column) -> BEST or SECOND (its ASR)
     note: str
     marked: bool  # whether ASR marks apply (their legend follows the note)
+
+    @property
+    def transposed(self) -> bool:
+        return len(self.columns) > MAX_COLUMNS
+
+    def layout(self) -> tuple[str, list[str], list[str]]:
+        """(corner header, line labels, column labels) as rendered."""
+        if self.transposed:
+            return self.column_header, self.columns, self.rows
+        return self.row_header, self.rows, self.columns
+
+    def key(self, line: str, column: str) -> tuple[str, str]:
+        """The (row, column) of the cell at a rendered line and column."""
+        return (column, line) if self.transposed else (line, column)
 
 
 def _cell(members: pd.DataFrame) -> Cell:
@@ -114,6 +133,7 @@ def comparison(
     metrics: tuple[str, ...],
     title: str,
     row_header: str,
+    column_header: str,
     note: str,
     marked: bool,
     average: bool,
@@ -130,13 +150,14 @@ def comparison(
         (r, c): _cell(trials.loc[members.index])
         for (r, c), members in labels.groupby(["row", "column"], sort=False)
     }
-    if average and len(rows) > 1:
-        for c in columns:
-            if all((r, c) in cells for r in rows):
-                cells[AVERAGE, c] = _average([cells[r, c] for r in rows])
+    complete = [c for c in columns if all((r, c) in cells for r in rows)]
+    if average and len(rows) > 1 and complete:
+        cells |= {(AVERAGE, c): _average([cells[r, c] for r in rows]) for c in complete}
         rows = [*rows, AVERAGE]
     marks = asr_marks(cells, rows) if marked else {}
-    return Table(title, row_header, rows, columns, metrics, cells, marks, note, marked)
+    return Table(
+        title, row_header, column_header, rows, columns, metrics, cells, marks, note, marked
+    )
 
 
 def _seeds_note(trials: pd.DataFrame) -> str:
@@ -166,6 +187,7 @@ def cat_table(trials: pd.DataFrame) -> Table:
         metrics=("acc", "asr"),
         title="Attacks × defenses (CAT paper, Table 2 layout)",
         row_header="Attack",
+        column_header="Defense",
         note=(
             f"Cells: ACC / ASR in percent, {_seeds_note(trials)}. Average: mean over the "
             "attack rows, for the defenses every row has."
@@ -191,6 +213,7 @@ def weng_table(trials: pd.DataFrame) -> Table:
         metrics=("acc", "robust_acc", "asr"),
         title="Trigger settings × training (Weng et al., Tables 1–8 layout)",
         row_header="Trigger setting",
+        column_header="Training",
         note=(
             f"Cells: clean accuracy / robust accuracy (the run's eval.* attack) / backdoor "
             f"success rate, in percent, {_seeds_note(trials)}."
@@ -231,16 +254,17 @@ def _escape_md(text: str) -> str:
 
 def to_markdown(table: Table) -> str:
     metrics = " / ".join(LABELS[m] for m in table.metrics)
-    header = [f"{table.row_header} (cells: {metrics})", *table.columns]
+    corner, lines_, columns = table.layout()
+    header = [f"{corner} (cells: {metrics})", *columns]
     lines = [
         f"### {table.title}",
         "",
         "| " + " | ".join(map(_escape_md, header)) + " |",
         "|" + "---|" * len(header),
     ]
-    for row in table.rows:
-        cells = [_cell_text(table, (row, c), "**{}**", "<ins>{}</ins>") for c in table.columns]
-        lines.append("| " + " | ".join([_escape_md(row), *cells]) + " |")
+    for line in lines_:
+        cells = [_cell_text(table, table.key(line, c), "**{}**", "<ins>{}</ins>") for c in columns]
+        lines.append("| " + " | ".join([_escape_md(line), *cells]) + " |")
     note = table.note
     if table.marked:
         note += " " + MARKS_NOTE.format(bold="**bold**", underlined="<ins>underlined</ins>")
@@ -251,33 +275,35 @@ def to_html(table: Table) -> str:
     """A ``<table>`` with the paper's two header rows (defense, then its metrics)."""
     e = html.escape
     width = len(table.metrics)
+    corner, lines, columns = table.layout()
     marks = (
         " " + MARKS_NOTE.format(bold="<strong>bold</strong>", underlined="<u>underlined</u>")
         if table.marked
         else ""
     )
     head = (
-        f'<tr><th rowspan="2">{e(table.row_header)}</th>'
-        + "".join(f'<th colspan="{width}">{e(c)}</th>' for c in table.columns)
+        f'<tr><th rowspan="2">{e(corner)}</th>'
+        + "".join(f'<th colspan="{width}">{e(c)}</th>' for c in columns)
         + "</tr><tr>"
-        + "".join(f"<th>{LABELS[m]}</th>" for _ in table.columns for m in table.metrics)
+        + "".join(f"<th>{LABELS[m]}</th>" for _ in columns for m in table.metrics)
         + "</tr>"
     )
     body = []
-    for row in table.rows:
+    for line in lines:
         tds = []
-        for column in table.columns:
-            cell = table.cells.get((row, column))
+        for column in columns:
+            key = table.key(line, column)
+            cell = table.cells.get(key)
             for metric in table.metrics:
                 text = e(cell.text(metric)) if cell else "—"
-                mark = table.marks.get((row, column)) if metric == "asr" else None
+                mark = table.marks.get(key) if metric == "asr" else None
                 if mark == BEST:
                     text = f"<strong>{text}</strong>"
                 elif mark == SECOND:
                     text = f"<u>{text}</u>"
                 tds.append(f"<td>{text}</td>")
-        cls = ' class="average"' if row == AVERAGE else ""
-        body.append(f"<tr{cls}><th>{e(row)}</th>{''.join(tds)}</tr>")
+        cls = ' class="average"' if line == AVERAGE else ""
+        body.append(f"<tr{cls}><th>{e(line)}</th>{''.join(tds)}</tr>")
     return (
         f'<h3>{e(table.title)}</h3>\n<table class="paper">\n<thead>{head}</thead>\n<tbody>\n'
         + "\n".join(body)
