@@ -82,7 +82,8 @@ def write_report(sweep: Sweep, out: Path, ui_url: str = DEFAULT_UI) -> list[Path
                 "Hypervolume",
                 "Dominated hypervolume of each attack setting's finished trials after each "
                 "finished trial, normalised to [0, 1]; reference point "
-                f"{reference_text(objectives)}, 1 = {reference_text(objectives, ideal=True)}.",
+                f"{reference_text(objectives)}; 1 = the ideal trial "
+                f"({reference_text(objectives, ideal=True)}).",
             )
         )
     else:
