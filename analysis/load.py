@@ -1,13 +1,14 @@
 """Read one sweep back from MLflow: its parent run and one table row per trial.
 
-The layout read here is the one `bdat_ray.tracking` writes (docs/sweep.md): an experiment per
-sweep name, a parent run tagged ``bdat_ray.role=sweep`` per sweep, a child run tagged
-``bdat_ray.role=trial`` per Ray trial with the flattened run config as params and the final
-metrics at the last step. Nothing is recomputed from checkpoints.
+The layout read here is the one `bdat_ray.tracking` writes (README.md, "What a sweep
+records"): an experiment per sweep name, a parent run tagged ``bdat_ray.role=sweep`` per
+sweep, a child run tagged ``bdat_ray.role=trial`` per Ray trial with the flattened run
+config as params and the final metrics at the last step. Nothing is recomputed from checkpoints.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -25,10 +26,12 @@ from bdat_ray.search_space import (
     DEFAULT_OBJECTIVES,
     METRICS,
     describe_trial,
+    environment_group,
+    environment_keys,
     format_budget,
     show_value,
+    varying_keys,
 )
-from bdat_ray.sweep import ENVIRONMENT_PREFIXES, varying_keys
 from bdat_ray.tracking import TAG, redact, resolve_tracking_uri
 
 log = logging.getLogger(__name__)
@@ -36,6 +39,7 @@ log = logging.getLogger(__name__)
 ROLE = f"{TAG}role"
 SWEEP_ID = f"{TAG}sweep_id"
 OUTCOME = f"{TAG}outcome"
+ENVIRONMENT_KEYS = f"{TAG}environment_keys"
 RESOLVED = "resolved."
 #: Keys that say which threat model and budget a trial trains with: `describe_trial` turns
 #: them into the ``threat`` and ``budgets`` columns, so tables do not repeat them.
@@ -180,7 +184,8 @@ def read_sweep(
         [experiment_id],
         f"tags.`{ROLE}` = 'trial' and tags.`{SWEEP_ID}` = '{sweep_id}'",
     )
-    trials = trial_frame(runs)
+    recorded = parent.data.tags.get(ENVIRONMENT_KEYS)
+    trials = trial_frame(runs, json.loads(recorded) if recorded else None)
     objectives = parse_objectives(parent.data.params.get("objectives"))
     trials.attrs.update(sweep_id=sweep_id, experiment_id=experiment_id, objectives=objectives)
     return Sweep(
@@ -299,7 +304,7 @@ def _outcome(run: Any) -> str:
     return run.data.tags.get(OUTCOME, "unknown")
 
 
-def trial_frame(runs: list[Any]) -> pd.DataFrame:
+def trial_frame(runs: list[Any], environment: list[str] | None = None) -> pd.DataFrame:
     """One row per child run, ordered by start time. Columns: ``run_id``, ``trial`` (Ray trial
     id), ``run_name``, ``outcome``, ``status``, ``start``/``end`` (UTC), ``group`` (the
     sweep's environment group, see below), ``attack``/``threat``/``budgets`` (as the sweep
@@ -310,12 +315,14 @@ def trial_frame(runs: list[Any]) -> pd.DataFrame:
     metrics (NaN where absent), then every
     run-config key typed, and the ``resolved.*`` params as logged.
 
-    ``group``: as `bdat_ray.sweep.trial_rows` — the values of the ``attack.*``/``data.*``
-    keys that vary between the sweep's trials; one Pareto front is drawn per group (no
-    defense chooses its attack)."""
+    ``group``: the values of ``environment``, the keys the sweep grouped its fronts by (its
+    parent run's ``bdat_ray.environment_keys`` tag; without it, the ``attack.*``/``data.*``
+    keys that vary between these runs, `bdat_ray.search_space.environment_keys`); one Pareto
+    front is drawn per group (no defense chooses its attack)."""
     runs = sorted(runs, key=lambda r: r.info.start_time)
     flats = [config_of(r.data.params) for r in runs]
-    environment = [k for k in varying_keys(flats) if k.startswith(ENVIRONMENT_PREFIXES)]
+    if environment is None:
+        environment = environment_keys(flats)
     attack_keys = [k for k in environment if k not in ("attack.name", "attack.label_mode")]
     # What sets finished trials apart besides attack and threat model: failed trials (a
     # diverging learning rate) would otherwise label every finished one with their key.
@@ -353,7 +360,7 @@ def trial_frame(runs: list[Any]) -> pd.DataFrame:
                     if run.info.end_time
                     else pd.NaT
                 ),
-                "group": ", ".join(f"{k}={flat.get(k)}" for k in environment),
+                "group": environment_group(flat, environment),
                 **what,
                 "setting": ", ".join([what["attack"], *unusual(flat, attack_keys)]),
                 "variant": ", ".join(unusual(flat, others)),

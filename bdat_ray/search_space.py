@@ -616,7 +616,29 @@ def _check_configs(space: SearchSpace) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Pareto front.
+# Pareto front, drawn per environment group.
+
+#: Keys that describe the attacker's data rather than a defence choice: the Pareto front is
+#: drawn separately for each of their combinations (no defence can choose the attack).
+ENVIRONMENT_PREFIXES = ("attack.", "data.")
+
+
+def varying_keys(configs: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Keys whose value differs between some of the configs (missing counts as a value)."""
+    keys = dict.fromkeys(k for c in configs for k in c)
+    return [k for k in keys if len({repr(c.get(k)) for c in configs}) > 1]
+
+
+def environment_keys(configs: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The ``attack.*``/``data.*`` keys that vary between a sweep's trial configs: one
+    Pareto front per combination of their values. The sweep records them on its parent run
+    (tag ``bdat_ray.environment_keys``) so that the analysis groups exactly as it did."""
+    return [k for k in varying_keys(configs) if k.startswith(ENVIRONMENT_PREFIXES)]
+
+
+def environment_group(flat: Mapping[str, Any], keys: Sequence[str]) -> str:
+    """The group name of one trial, e.g. ``attack.name=badnets``; empty with no keys."""
+    return ", ".join(f"{k}={flat.get(k)}" for k in keys)
 
 
 def pareto_front(rows: Sequence[Mapping[str, Any]], objectives: Mapping[str, str]) -> list[int]:

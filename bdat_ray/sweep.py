@@ -33,9 +33,12 @@ from bdat_ray.search_space import (
     GRID,
     SearchSpace,
     describe_trial,
+    environment_group,
+    environment_keys,
     load_space,
     pareto_front,
     show_value,
+    varying_keys,
 )
 
 SPACES_DIR = Path(__file__).resolve().parents[1] / "search_spaces"
@@ -45,9 +48,6 @@ RECORD = "sweep.json"
 #: Retries of a trial from its last checkpoint (lost node, preempted spot instance, ...).
 #: Divergence and bad configs are not retried: the trial stops at once (tracking.py).
 MAX_FAILURES = 2
-#: Keys that describe the attacker's data rather than a defence choice: the Pareto front is
-#: drawn separately for each of their combinations (no defence can choose the attack).
-ENVIRONMENT_PREFIXES = ("attack.", "data.")
 OUTCOMES = ("finished", "failed", "stopped", "unfinished")
 EXIT_INTERRUPTED = 130  # the shell's code for a run stopped by Ctrl-C
 NAME_CHARS = frozenset(string.ascii_letters + string.digits + "._-")
@@ -59,7 +59,7 @@ def parser() -> argparse.ArgumentParser:
         "Sweep adversarial training against backdoor-poisoned data: Ray Tune runs the trials, "
         "Optuna searches the acc/asr Pareto front of sampled spaces, MLflow records every "
         "trial and model. KEY=VALUE pins a run key in every trial (search space files: "
-        "docs/sweep.md).",
+        "the README's section Sweeps).",
     )
     p.add_argument(
         "--space",
@@ -167,12 +167,6 @@ def grid_listing(space: SearchSpace, limit: int = 40) -> str:
     if len(points) > limit:
         lines.append(f"  ... and {len(points) - limit} more")
     return "\n".join(lines)
-
-
-def varying_keys(configs: list[dict[str, Any]]) -> list[str]:
-    """Keys whose value differs between some of the configs (missing counts as a value)."""
-    keys = dict.fromkeys(k for c in configs for k in c)
-    return [k for k in keys if len({repr(c.get(k)) for c in configs}) > 1]
 
 
 def space_hash(space: SearchSpace) -> str:
@@ -515,17 +509,18 @@ def _close_orphan_study_trials(record: dict[str, Any]) -> None:
 # The end: Pareto table, registry, where to look next.
 
 
-def trial_rows(space: SearchSpace, sweep_dir: Path) -> list[dict[str, Any]]:
-    """One row per Ray trial from the experiment's saved state: outcome, metrics, and what
-    it trained (attack, threat model, budgets). Outcomes: finished (reported ``final``),
-    failed, stopped (early, by the scheduler) and unfinished (an interrupted sweep)."""
+def trial_rows(sweep_dir: Path) -> tuple[list[dict[str, Any]], list[str]]:
+    """One row per Ray trial from the experiment's saved state: outcome, metrics, what it
+    trained (attack, threat model, budgets) and its environment group; and the keys that
+    make the groups. Outcomes: finished (reported ``final``), failed, stopped (early, by the
+    scheduler) and unfinished (an interrupted sweep)."""
     from ray.tune import ExperimentAnalysis
 
     from bdat_ray.trainable import trial_overrides
 
     trials = ExperimentAnalysis(str(sweep_dir)).trials
     flats = [trial_overrides(t.config) for t in trials]
-    environment = [k for k in varying_keys(flats) if k.startswith(ENVIRONMENT_PREFIXES)]
+    environment = environment_keys(flats)
     rows = []
     for trial, flat in zip(trials, flats, strict=True):
         last = trial.last_result or {}
@@ -539,13 +534,13 @@ def trial_rows(space: SearchSpace, sweep_dir: Path) -> list[dict[str, Any]]:
             {
                 "trial": trial.trial_id,
                 "outcome": outcome,
-                "group": ", ".join(f"{k}={flat.get(k)}" for k in environment),
+                "group": environment_group(flat, environment),
                 "run_id": last.get("mlflow_run_id"),
                 **describe_trial(flat),
                 **{m: last.get(m) for m in ("acc", "asr", "robust_acc", "seconds")},
             }
         )
-    return rows
+    return rows, environment
 
 
 def pareto_rows(space: SearchSpace, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -584,7 +579,7 @@ def _report(
     from bdat_ray import tracking
 
     sweep_dir = Path(record["storage"]) / record["sweep_id"]
-    rows = trial_rows(space, sweep_dir)
+    rows, environment = trial_rows(sweep_dir)
     front = pareto_rows(space, rows)
     count = {o: sum(r["outcome"] == o for r in rows) for o in OUTCOMES}
     interrupted = count["unfinished"] > 0 or len(rows) < space.trial_count
@@ -607,6 +602,7 @@ def _report(
         metrics={f"trials_{o}": n for o, n in count.items()}
         | {"pareto_size": len(front), "sweep_seconds": seconds},
         files={"pareto.md": table + "\n", "pareto.json": json.dumps(front, indent=2)},
+        tags={"bdat_ray.environment_keys": json.dumps(environment)},
     )
     summary = ", ".join(f"{n} {o}" for o, n in count.items() if n)
     print(f"\n{summary} of {space.trial_count} trials; this run took {seconds:.0f} s")
@@ -620,6 +616,10 @@ def _report(
     if versions:
         print(f"models     registered as {model_name}, versions {', '.join(versions)}")
     print(f"results    {sweep_dir}")
+    print(
+        f"report     python -m analysis.report --sweep {record['sweep_id']} "
+        f"--mlflow-uri {tracking.redact(uri)}"
+    )
     if record.get("optuna_storage"):
         print(
             f"optuna     optuna.load_study(study_name='{record['sweep_id']}', "

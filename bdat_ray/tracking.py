@@ -1,6 +1,6 @@
 """The MLflow adapter: the only module that imports mlflow (lazily, inside functions).
 
-Layout (docs/sweep.md has the full table):
+Layout (README.md, "What a sweep records", has the full table):
 
 - one **experiment** per sweep name (``--name``, default the space file's stem);
 - one **parent run** per sweep (run name = sweep id ``NAME-YYYYmmdd-HHMMSS``): the space file
@@ -183,10 +183,18 @@ def reopen_sweep(uri: str, parent_run_id: str, sweep_id: str) -> SweepTracking:
 
 
 def end_sweep(
-    sweep: SweepTracking, *, status: str, metrics: dict[str, float], files: dict[str, str]
+    sweep: SweepTracking,
+    *,
+    status: str,
+    metrics: dict[str, float],
+    files: dict[str, str],
+    tags: dict[str, str],
 ) -> None:
-    """Close the parent run with summary metrics and small text artifacts (name -> text)."""
+    """Close the parent run with summary metrics, tags and small text artifacts
+    (name -> text)."""
     client = _client(sweep.uri)
+    for key, value in tags.items():
+        client.set_tag(sweep.parent_run_id, key, value)
     for key, value in metrics.items():
         client.log_metric(sweep.parent_run_id, key, value)
     with tempfile.TemporaryDirectory() as tmp:

@@ -451,6 +451,8 @@ def test_load_sweep_gives_one_row_per_trial_for_notebooks(swept):
     assert len(trials) == 8
     assert trials["outcome"].value_counts().to_dict() == {"finished": 7, "failed": 1}
     assert set(trials["group"]) == {"attack.name=badnets", "attack.name=sticker"}
+    sweep = analysis.read_sweep(swept["uri"], experiment="tiny")
+    assert sweep.tags["bdat_ray.environment_keys"] == '["attack.name"]'  # recorded by the sweep
     assert trials.attrs["objectives"] == {"acc": "max", "asr": "min"}
     linf = trials[trials["threat"] == "linf"]
     assert sorted(linf["budgets"].unique()) == ["16/255", "8/255"]

@@ -196,6 +196,9 @@ def test_two_trial_sweep_end_to_end(grid_sweep):
     assert parent.data.metrics["trials_finished"] == 2
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"small.yaml", "pareto.md", "pareto.json"} <= artifacts
+    # the keys its fronts were grouped by, for the analysis to group the same way
+    assert parent.data.tags["bdat_ray.environment_keys"] == "[]"
+    assert f"python -m analysis.report --sweep {parent.info.run_name}" in proc.stdout
 
     assert len(children) == 3
     assert all(c.data.tags["mlflow.parentRunId"] == parent.info.run_id for c in children)
