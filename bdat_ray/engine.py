@@ -375,7 +375,7 @@ def fit(
         first_epoch = int(state["epoch"]) + 1
         log.info("resumed after epoch %d", first_epoch - 1)
 
-    log.info("training %s on %s: %s", rcfg.model.name, rcfg.data.name, prep.objective.describe())
+    log.info("training %s on %s: %s", rcfg.model.name, prep.clean.name, prep.objective.describe())
     n_train = len(prep.poisoned.data.y_train)
     for epoch in range(first_epoch, rcfg.train.epochs + 1):
         t0 = time.perf_counter()

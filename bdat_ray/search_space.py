@@ -108,8 +108,15 @@ class Dimension:
 
 
 def show_value(value: Any) -> str:
-    """A value for people: floats to 4 significant digits."""
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
+    """A value for people: floats to 4 significant digits, or as ``k/255`` where that is the
+    exact value and 4 digits are not (pixel budgets such as 16/255)."""
+    if not isinstance(value, float):
+        return str(value)
+    short = f"{value:.4g}"
+    grey_levels = value * 255
+    if float(short) != value and abs(grey_levels - round(grey_levels)) < 1e-9:
+        return f"{round(grey_levels)}/255"
+    return short
 
 
 @dataclass(frozen=True)
