@@ -25,6 +25,7 @@ import json
 import platform
 import sys
 import time
+import traceback
 from datetime import date
 from pathlib import Path
 from typing import Any
@@ -70,6 +71,9 @@ def run_cell(flat: dict[str, Any], data_cache: dict) -> dict[str, Any]:
         return {"error": str(err)}
     except TrainingDiverged as err:
         return {"error": f"diverged: {err}"}
+    except Exception as err:  # one broken cell must not cost the finished ones
+        traceback.print_exc()
+        return {"error": f"failed: {type(err).__name__}: {err}", "crashed": True}
     epoch_seconds = [h["epoch_seconds"] for h in result.history]
     return {
         "acc": result.acc,
@@ -157,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     raw = {f"{r} | {c}": cell for (r, c), cell in cells.items()}
     out.with_suffix(".json").write_text(json.dumps(raw, indent=1, default=str))
     print(out)
-    return 0
+    return 1 if any(cell.get("crashed") for cell in cells.values()) else 0
 
 
 if __name__ == "__main__":

@@ -108,3 +108,15 @@ def test_registry_matches_the_config_sections():
     from bdat_ray.config import THREAT_NAMES
 
     assert set(THREATS) == set(THREAT_NAMES)
+
+
+@pytest.mark.parametrize("name", sorted(THREATS))
+def test_every_threat_builds_from_its_config_section(name):
+    """The path a run takes: ``at.threat=<name>`` -> resolved component -> its section's knobs."""
+    from bdat_ray.config import at_components, from_flat
+    from bdat_ray.engine import build_threat
+
+    cfg = from_flat({"at.threat": name})
+    (component,) = at_components(cfg.at)
+    threat = build_threat(component, cfg, random_start=True)
+    assert type(threat) is THREATS[name] and threat.eps == THREATS[name].default_eps

@@ -9,6 +9,8 @@ random draw in place of the inner maximisation, to tell "adversarial" from "just
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from bdat_ray.threats.base import in_unit_box, normal, uniform
@@ -37,6 +39,10 @@ class RandomFlow(SpatialFlow):
     unit = "normalised grid units, L-inf on the flow"
     default_eps = 0.025  # the spatial threat's CAT budget
     maximizes = False
+
+    @classmethod
+    def knobs(cls, section) -> dict[str, Any]:
+        return {}  # no search, so none of spatial's smoothness or optimiser knobs
 
     def init(self, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         shape = torch.Size((x.shape[0], 2, *x.shape[-2:]))
