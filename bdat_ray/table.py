@@ -92,14 +92,18 @@ def cell_text(cell: dict[str, Any]) -> str:
 
 
 def render(
-    spec: dict[str, Any], cells: dict[tuple[str, str], dict], command: str, seconds: float
+    spec: dict[str, Any],
+    cells: dict[tuple[str, str], dict],
+    command: str,
+    seconds: float,
+    extra: dict[str, Any],
 ) -> str:
     columns = list(spec["columns"])
     header = "| | " + " | ".join(c or "acc / asr (s/epoch)" for c in columns) + " |"
     lines = [f"### {spec.get('title', 'Results')}", "", header, "|---" * (len(columns) + 1) + "|"]
     for row in spec["rows"]:
         lines.append(f"| {row} | " + " | ".join(cell_text(cells[row, c]) for c in columns) + " |")
-    fixed = ", ".join(f"`{k}={v}`" for k, v in flatten(spec["fixed"]).items())
+    fixed = ", ".join(f"`{k}={v}`" for k, v in {**flatten(spec["fixed"]), **extra}.items())
     lines += [
         "",
         "Cells: `acc / asr` in percent (ASR over non-target test images) and the mean epoch "
@@ -157,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
             cells[row, col] = run_cell(flat, data_cache)
             print(f"    {cell_text(cells[row, col])}", file=sys.stderr, flush=True)
     seconds = time.perf_counter() - started
-    out.write_text(render(spec, cells, command, seconds))
+    out.write_text(render(spec, cells, command, seconds, extra))
     raw = {f"{r} | {c}": cell for (r, c), cell in cells.items()}
     out.with_suffix(".json").write_text(json.dumps(raw, indent=1, default=str))
     print(out)
