@@ -34,9 +34,12 @@ class ThreatModel:
             raise ValueError(f"{self.name}: budget must be > 0, got {eps}")
         self.eps = float(eps)
         self.steps = int(steps)
-        # Madry et al. (2018): a step of 2.5·ε/k lets k steps reach the boundary from anywhere.
-        self.step_size = float(step_size) if step_size is not None else 2.5 * self.eps / steps
+        self.step_size = float(step_size) if step_size is not None else self.default_step_size()
         self.random_start = random_start
+
+    def default_step_size(self) -> float:
+        # Madry et al. (2018): a step of 2.5·ε/k lets k steps reach the boundary from anywhere.
+        return 2.5 * self.eps / self.steps
 
     @classmethod
     def from_config(cls, component: Any, section: Any, *, random_start: bool) -> ThreatModel:

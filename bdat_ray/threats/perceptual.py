@@ -80,22 +80,23 @@ class PerceptualLPA(PixelOffset):
 
     def __init__(
         self,
-        eps: float,
-        steps: int = 10,
-        step_size: float | None = None,
-        random_start: bool = True,
+        *budget: Any,
         network: str = "self",
         lagrange: float = 10.0,
         lagrange_growth: float = 10.0,
         projection_steps: int = 10,
+        **budget_options: Any,
     ):
-        # Laidlaw et al.: the step is measured in LPIPS distance and starts at the bound.
-        super().__init__(eps, steps, step_size if step_size is not None else eps, random_start)
+        super().__init__(*budget, **budget_options)
         self.network = network
         self.lagrange = lagrange
         self.lagrange_growth = lagrange_growth
         self.projection_steps = projection_steps
         self.imagenet = ImageNetFeatures(network) if network != "self" else None
+
+    def default_step_size(self) -> float:
+        # Laidlaw et al.: the step is measured in LPIPS distance and starts at the bound.
+        return self.eps
 
     @classmethod
     def knobs(cls, section) -> dict[str, Any]:

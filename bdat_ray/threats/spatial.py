@@ -52,15 +52,9 @@ class SpatialFlow(ThreatModel):
     default_eps = 0.025  # CAT paper: spatial AT and the spatial half of CAT
 
     def __init__(
-        self,
-        eps: float,
-        steps: int = 10,
-        step_size: float | None = None,
-        random_start: bool = True,
-        tau: float = 0.0,
-        optimizer: str = "sign",
+        self, *budget: Any, tau: float = 0.0, optimizer: str = "sign", **budget_options: Any
     ):
-        super().__init__(eps, steps, step_size, random_start)
+        super().__init__(*budget, **budget_options)
         self.tau = tau
         self.optimizer = optimizer
 
