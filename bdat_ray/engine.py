@@ -15,7 +15,7 @@ import math
 import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -183,9 +183,9 @@ class RunResult:
     model: nn.Module | None = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
-        out = asdict(self)
-        out.pop("model")
-        return out
+        """Everything but the model, for JSON (`dataclasses.asdict` would deep-copy the
+        network only to drop it)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "model"}
 
 
 def evaluate(prep: Prepared, model: nn.Module | None = None) -> dict[str, float]:

@@ -75,14 +75,7 @@ def run_cell(flat: dict[str, Any], data_cache: dict) -> dict[str, Any]:
         traceback.print_exc()
         return {"error": f"failed: {type(err).__name__}: {err}", "crashed": True}
     epoch_seconds = [h["epoch_seconds"] for h in result.history]
-    return {
-        "acc": result.acc,
-        "asr": result.asr,
-        "robust_acc": result.robust_acc,
-        "epoch_seconds": sum(epoch_seconds) / len(epoch_seconds),
-        "seconds": result.seconds,
-        "config": result.config,
-    }
+    return {**result.to_dict(), "epoch_seconds": sum(epoch_seconds) / len(epoch_seconds)}
 
 
 def cell_text(cell: dict[str, Any]) -> str:
