@@ -182,6 +182,13 @@ def reopen_sweep(uri: str, parent_run_id: str, sweep_id: str) -> SweepTracking:
     return SweepTracking(uri, run.info.experiment_id, parent_run_id, sweep_id, commit)
 
 
+def _set_tags(client: Any, run_id: str, tags: dict[str, str]) -> None:
+    """All tags in one request (one round trip to a remote server, not one per tag)."""
+    from mlflow.entities import RunTag
+
+    client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+
 def end_sweep(
     sweep: SweepTracking,
     *,
@@ -193,8 +200,7 @@ def end_sweep(
     """Close the parent run with summary metrics, tags and small text artifacts
     (name -> text)."""
     client = _client(sweep.uri)
-    for key, value in tags.items():
-        client.set_tag(sweep.parent_run_id, key, value)
+    _set_tags(client, sweep.parent_run_id, tags)
     for key, value in metrics.items():
         client.log_metric(sweep.parent_run_id, key, value)
     with tempfile.TemporaryDirectory() as tmp:
@@ -253,8 +259,7 @@ def mark_trial(sweep: SweepTracking, trial_id: str, outcome: str, reason: str = 
     tags = {f"{TAG}outcome": outcome}
     if reason:
         tags |= {f"{TAG}failure": reason[:4000], f"{TAG}failure_kind": "died"}
-    for key, value in tags.items():
-        client.set_tag(run.info.run_id, key, value)
+    _set_tags(client, run.info.run_id, tags)
     client.set_terminated(run.info.run_id, "KILLED" if outcome == "early_stopped" else "FAILED")
 
 
@@ -337,15 +342,13 @@ class TrialRun:
         for key in (f"{TAG}failure", f"{TAG}failure_kind"):  # the previous attempt's; the
             if key in run_tags:  # driver keeps it as recovered_error (`note_recovery`)
                 client.delete_tag(run_id, key)
-        for key, value in {**tags, f"{TAG}outcome": "running"}.items():
-            client.set_tag(run_id, key, value)
+        _set_tags(client, run_id, {**tags, f"{TAG}outcome": "running"})
         client.update_run(run_id, status="RUNNING")
         epochs = {int(m.step) for m in client.get_metric_history(run_id, "epoch")}
         return cls(sweep, run_id, client, epochs, None)
 
     def set_tags(self, tags: dict[str, str]) -> None:
-        for key, value in tags.items():
-            self.client.set_tag(self.run_id, key, value)
+        _set_tags(self.client, self.run_id, tags)
 
     def log_params(self, flat: dict[str, Any], prefix: str = "") -> None:
         """Params are immutable in MLflow: only keys not logged yet are sent."""
@@ -412,14 +415,13 @@ class TrialRun:
                 serialization_format="pickle",  # pt2 (the default) fixes the batch size
                 pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "bdat_ray"],
             )
-            self.client.set_tag(self.run_id, f"{TAG}model_uri", info.model_uri)
-            self.client.set_tag(self.run_id, f"{TAG}outcome", "finished")
+            self.set_tags({f"{TAG}model_uri": info.model_uri, f"{TAG}outcome": "finished"})
 
     def fail(self, kind: str, reason: str) -> None:
         """Record why the trial failed and end the run FAILED (a retry reopens it)."""
-        self.client.set_tag(self.run_id, f"{TAG}outcome", "failed")
-        self.client.set_tag(self.run_id, f"{TAG}failure", reason[:4000])
-        self.client.set_tag(self.run_id, f"{TAG}failure_kind", kind)
+        self.set_tags(
+            {f"{TAG}outcome": "failed", f"{TAG}failure": reason[:4000], f"{TAG}failure_kind": kind}
+        )
         self.client.set_terminated(self.run_id, "FAILED")
 
 
