@@ -24,60 +24,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-Check = Callable[[Any], str | None]
-
-
-class ConfigError(ValueError):
-    """Bad input. ``str(err)`` is one line: ``KEY: what is wrong and what is allowed``."""
-
-    def __init__(self, key: str, message: str):
-        super().__init__(f"{key}: {message}")
-        self.key = key
-        self.message = message
-
-
-# ---------------------------------------------------------------------------------------------
-# Field declarations: a default plus help text, unit, choices and a value check.
-
-
-def option(
-    default: Any,
-    help: str,
-    *,
-    unit: str = "",
-    choices: Iterable[str] | Callable[[], Iterable[str]] | None = None,
-    check: Check | None = None,
-) -> Any:
-    """A config leaf. ``choices`` may be a callable so registries are consulted lazily."""
-    return field(
-        default=default,
-        metadata={"help": help, "unit": unit, "choices": choices, "check": check},
-    )
-
-
-def at_least(low: float) -> Check:
-    return lambda v: None if v is None or v >= low else f"must be ≥ {low:g}"
-
-
-def above(low: float) -> Check:
-    return lambda v: None if v is None or v > low else f"must be > {low:g}"
-
-
-def within(low: float, high: float) -> Check:
-    return lambda v: None if v is None or low <= v <= high else f"must be in [{low:g}, {high:g}]"
-
-
-def _registry_names(module: str, attr: str) -> Callable[[], list[str]]:
-    def names() -> list[str]:
-        import importlib
-
-        return sorted(getattr(importlib.import_module(module), attr))
-
-    return names
-
+from bdat_ray.backdoors import BACKDOORS
+from bdat_ray.defenses import DEFENSES
+from bdat_ray.options import (
+    Check,
+    ConfigError,
+    above,
+    at_least,
+    option,
+    registry_names,
+    within,
+)
+from bdat_ray.threats import THREATS
 
 # ---------------------------------------------------------------------------------------------
-# The schema. Sections are frozen dataclasses; `Config` nests them.
+# The schema. Sections are frozen dataclasses; `Config` nests them. Attacks, threat models
+# and defenses declare their own sections beside their code (`with_plugin_sections`).
+
+THREAT_NAMES = tuple(THREATS)
 
 
 @dataclass(frozen=True)
@@ -86,7 +50,7 @@ class DataConfig:
         "digits",
         "dataset: digits is scikit-learn's bundled 8x8 digits upsampled (no download); npz takes "
         "x_train/y_train/x_test/y_test uint8 arrays; imagefolder takes DIR/train and DIR/test",
-        choices=_registry_names("bdat_ray.data.sources", "SOURCES"),
+        choices=registry_names("bdat_ray.data.sources", "SOURCES"),
     )
     path: str | None = option(
         None, "dataset root (mnist/cifar*/imagefolder) or file (npz); default ~/.cache/bdat_ray"
@@ -105,7 +69,7 @@ class ModelConfig:
     name: str = option(
         "small_cnn",
         "architecture (CIFAR variants with a 3x3 stem)",
-        choices=_registry_names("bdat_ray.models", "MODELS"),
+        choices=registry_names("bdat_ray.models", "MODELS"),
     )
     width: float = option(
         1.0, "channel width multiplier (Weng et al. Table 4 doubles it)", check=above(0)
@@ -138,93 +102,13 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
-class BlendedConfig:
-    alpha: float = option(
-        0.2,
-        "blend weight in x' = (1-α)x + α·t for training images (Chen et al. 2017)",
-        check=lambda v: None if 0 < v < 1 else "must be in (0, 1)",
-    )
-    alpha_test: float | None = option(
-        None,
-        "blend weight for triggered test images; default: alpha",
-        check=lambda v: None if v is None or 0 < v < 1 else "must be in (0, 1)",
-    )
-    trigger: str = option(
-        "picture",
-        "picture: built-in procedurally drawn picture (stand-in for the papers' Hello-Kitty); "
-        "noise: uniform random image seeded by attack.seed; file: attack.blended.file",
-        choices=("picture", "noise", "file"),
-    )
-    file: str | None = option(None, "image file used when attack.blended.trigger=file (resized)")
+class AttackKeys:
+    """The keys every attack shares; each attack adds its own section (`with_plugin_sections`)."""
 
-
-@dataclass(frozen=True)
-class WaNetConfig:
-    k: int = option(
-        4, "control grid size k×k of the warping field (Nguyen & Tran 2021)", check=at_least(2)
-    )
-    s: float = option(0.5, "warping strength", check=above(0))
-    grid_rescale: float = option(1.0, "scale of the warped grid before clipping", check=above(0))
-    cross_ratio: float = option(
-        2.0,
-        "noise-mode ('cross') images per poisoned image: warped with a random extra field, "
-        "keeping their true labels",
-        check=at_least(0),
-    )
-    redraw: bool = option(
-        False,
-        "draw a fresh poisoned and cross set every epoch (the original WaNet poisons per "
-        "batch); false keeps the set fixed at build time like every other attack",
-    )
-
-
-@dataclass(frozen=True)
-class LCConfig:
-    eps: float = option(
-        16 / 255,
-        "PGD budget of the surrogate's adversarial perturbation (Turner et al. 2019)",
-        unit="pixel units",
-        check=above(0),
-    )
-    norm: str = option("linf", "norm of the adversarial perturbation", choices=("linf", "l2"))
-    steps: int = option(10, "PGD steps of the perturbation", check=at_least(1))
-    amplitude: float = option(
-        1.0,
-        "trigger amplitude on poisoned training images: pixels move by ±amplitude toward "
-        "white/black (1 = full replacement; Turner et al. also use 16/255-64/255)",
-        unit="pixel units",
-        check=within(0, 1),
-    )
-    amplitude_test: float = option(
-        1.0, "trigger amplitude on test images", unit="pixel units", check=within(0, 1)
-    )
-    surrogate_epochs: int = option(
-        10, "epochs of the surrogate model the platform trains itself", check=at_least(1)
-    )
-    surrogate_at: str = option(
-        "linf",
-        "surrogate training: linf = adversarially trained at attack.lc.eps/2 (Turner et al. "
-        "perturb with robust models), none = standard training",
-        choices=("linf", "none"),
-    )
-
-
-@dataclass(frozen=True)
-class WatermarkConfig:
-    amplitude: float = option(
-        32 / 255,
-        "peak additive change of the watermark (clipped to [0, 1])",
-        unit="pixel units",
-        check=within(0, 1),
-    )
-
-
-@dataclass(frozen=True)
-class AttackConfig:
     name: str = option(
         "badnets",
         "backdoor attack used to poison the training set",
-        choices=_registry_names("bdat_ray.backdoors", "BACKDOORS"),
+        choices=registry_names("bdat_ray.backdoors", "BACKDOORS"),
     )
     poison_rate: float = option(
         0.05,
@@ -251,7 +135,7 @@ class AttackConfig:
     trigger: str = option(
         "checkerboard3",
         "patch pattern (badnets)",
-        choices=_registry_names("bdat_ray.backdoors.triggers", "PATTERNS"),
+        choices=registry_names("bdat_ray.backdoors.triggers", "PATTERNS"),
     )
     trigger_size: int | None = option(
         None,
@@ -265,90 +149,12 @@ class AttackConfig:
         choices=("bottom_right", "bottom_left", "top_right", "top_left", "random_corner"),
     )
     seed: int = option(0, "seed of the poisoned-index draw and of random triggers")
-    blended: BlendedConfig = field(default_factory=BlendedConfig)
-    wanet: WaNetConfig = field(default_factory=WaNetConfig)
-    lc: LCConfig = field(default_factory=LCConfig)
-    watermark: WatermarkConfig = field(default_factory=WatermarkConfig)
-
-
-def _threat_section(name: str, budget: str, paper_default: str, extra: str = "") -> type:
-    """The per-threat section ``at.<name>.*``: budget, steps, step size and composite weight."""
-
-    @dataclass(frozen=True)
-    class Section:
-        eps: float | None = option(
-            None,
-            f"{name} budget [{budget}] when used as a component of at.threat=composite (or as the "
-            f"single threat when at.eps is unset); default {paper_default}{extra}",
-            check=above(0),
-        )
-        steps: int | None = option(
-            None, f"{name} attack steps; default at.steps", check=at_least(1)
-        )
-        step_size: float | None = option(
-            None, f"{name} step size; default the threat's rule", check=above(0)
-        )
-        weight: float | None = option(
-            None,
-            f"{name} weight in a composite (normalised to sum 1; unset weights share what the "
-            "set ones leave, so one float sweeps a two-way mix)",
-            check=at_least(0),
-        )
-
-    Section.__name__ = Section.__qualname__ = f"{name.title().replace('_', '')}Section"
-    return Section
-
-
-LinfSection = _threat_section("linf", "pixel units, L-inf", "8/255", " (CAT uses 2/255)")
-L2Section = _threat_section("l2", "pixel units, L2", "128/255")
-NoiseSection = _threat_section("noise", "pixel units, Gaussian σ", "0.1")
-FlowNoiseSection = _threat_section("flow_noise", "normalised grid units, L-inf", "0.025")
 
 
 @dataclass(frozen=True)
-class SpatialSection(
-    _threat_section("spatial", "normalised grid units, L-inf", "0.025 (CAT paper)")
-):
-    tau: float = option(
-        0.0,
-        "weight of stAdv's flow-smoothness penalty subtracted from the inner objective",
-        check=at_least(0),
-    )
-    optimizer: str = option(
-        "sign", "flow update: gradient sign or Adam steps", choices=("sign", "adam")
-    )
+class ATKeys:
+    """The keys of adversarial training; each threat model adds its section ``at.<name>``."""
 
-
-@dataclass(frozen=True)
-class PerceptualSection(_threat_section("perceptual", "LPIPS distance", "0.5")):
-    network: str = option(
-        "self",
-        "feature network of the LPIPS distance: self = the model being trained (self-bounded, "
-        "CAT paper; runs offline); alex/vgg = lpips' LPIPS nets, needing torchvision's "
-        "ImageNet weights already in the torch hub cache",
-        choices=("self", "alex", "vgg"),
-    )
-    lagrange: float = option(
-        10.0,
-        "Lagrange multiplier λ of Fast-LPA's penalty λ·ReLU(d − ε) at the last step "
-        "(Laidlaw et al. 2021)",
-        check=above(0),
-    )
-    lagrange_growth: float = option(
-        10.0,
-        "λ rises by this factor over the attack's steps (starts at lagrange/growth)",
-        check=at_least(1),
-    )
-    projection_steps: int = option(
-        10, "bisection steps that pull an out-of-bound result back inside", check=at_least(0)
-    )
-
-
-THREAT_NAMES = ("linf", "l2", "spatial", "perceptual", "noise", "flow_noise")
-
-
-@dataclass(frozen=True)
-class ATConfig:
     threat: str = option(
         "none",
         "threat model of adversarial training: none = standard training; composite = "
@@ -384,12 +190,38 @@ class ATConfig:
         "weight; max = per sample the threat with the highest loss",
         choices=("sum", "random", "max"),
     )
-    linf: LinfSection = field(default_factory=LinfSection)
-    l2: L2Section = field(default_factory=L2Section)
-    spatial: SpatialSection = field(default_factory=SpatialSection)
-    perceptual: PerceptualSection = field(default_factory=PerceptualSection)
-    noise: NoiseSection = field(default_factory=NoiseSection)
-    flow_noise: FlowNoiseSection = field(default_factory=FlowNoiseSection)
+
+
+@dataclass(frozen=True)
+class DefenseKeys:
+    """The defense of the run; each defense adds its section ``defense.<name>``."""
+
+    name: str = option(
+        "none",
+        "baseline defense: filter the poisoned training set, change training, or repair the "
+        "trained model (see bdat_ray/defenses); composes with at.* where the papers do",
+        choices=registry_names("bdat_ray.defenses", "DEFENSES"),
+    )
+
+
+def with_plugin_sections(keys: type, registry: Mapping[str, type], name: str) -> type:
+    """A frozen section class: ``keys``' fields plus one nested section per registered plugin
+    that declares one (its ``section``), named after the plugin — so a plugin's knobs live
+    beside its code and adding one touches its module and its registry line only."""
+    sections = [
+        (plugin, cls.section, field(default_factory=cls.section))
+        for plugin, cls in registry.items()
+        if getattr(cls, "section", None) is not None
+    ]
+    section = dataclasses.make_dataclass(name, sections, bases=(keys,), frozen=True)
+    section.__module__ = __name__  # pickled by name, like a class written here
+    section.__doc__ = keys.__doc__
+    return section
+
+
+AttackConfig = with_plugin_sections(AttackKeys, BACKDOORS, "AttackConfig")
+ATConfig = with_plugin_sections(ATKeys, THREATS, "ATConfig")
+DefenseConfig = with_plugin_sections(DefenseKeys, DEFENSES, "DefenseConfig")
 
 
 @dataclass(frozen=True)
@@ -397,7 +229,7 @@ class EvalConfig:
     threat: str = option(
         "linf",
         "threat model of the fixed evaluation attack behind robust_acc",
-        choices=_registry_names("bdat_ray.threats", "THREATS"),
+        choices=registry_names("bdat_ray.threats", "THREATS"),
     )
     eps: float = option(8 / 255, "evaluation attack budget", check=above(0))
     steps: int = option(20, "evaluation attack steps (PGD-20)", check=at_least(1))
@@ -427,6 +259,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     attack: AttackConfig = field(default_factory=AttackConfig)
     at: ATConfig = field(default_factory=ATConfig)
+    defense: DefenseConfig = field(default_factory=DefenseConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     # -- conversions -------------------------------------------------------------------------
@@ -746,8 +579,6 @@ def at_components(at: ATConfig) -> list[Component]:
 def validate(cfg: Config) -> None:
     """Cross-key checks that need no dataset (dataset-dependent ones run in `engine.prepare`)."""
     at_components(cfg.at)
-    from bdat_ray.backdoors import BACKDOORS
-
     BACKDOORS[cfg.attack.name].check_config(cfg.attack)
 
 

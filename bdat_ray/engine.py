@@ -14,7 +14,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from bdat_ray.backdoors import BACKDOORS, Backdoor, PoisonContext, PoisonedData
-from bdat_ray.config import Component, Config, ConfigError, at_components
+from bdat_ray.config import Component, Config, ConfigError, at_components, from_flat
 from bdat_ray.data import ImageData, load_dataset
 from bdat_ray.data.augment import augment, resolve_augment, shuffled_batches, to_float
 from bdat_ray.metrics import attack_success_rate, clean_accuracy, predict, robust_accuracy
@@ -120,8 +120,7 @@ def prepare(cfg: Config, data: ImageData | None = None) -> Prepared:
     size, class counts) before any training."""
     device = resolve_device(cfg.device)
     data = data if data is not None else load_dataset(cfg.data)
-    context = PoisonContext(str(device), cfg.model.name, cfg.model.width)
-    backdoor = BACKDOORS[cfg.attack.name](cfg.attack, context)
+    backdoor = BACKDOORS[cfg.attack.name](cfg.attack, poison_context(cfg, device))
     poisoned = backdoor.poison(data)
     amp = cfg.train.amp if cfg.train.amp != "auto" else ("bf16" if device.type == "cuda" else "off")
 
@@ -162,6 +161,20 @@ def prepare(cfg: Config, data: ImageData | None = None) -> Prepared:
         backdoor=backdoor,
         clean=data,
     )
+
+
+def poison_context(cfg: Config, device: torch.device) -> PoisonContext:
+    """What an attack may use from the run: its architecture, device and this engine's
+    `train_auxiliary` for surrogates."""
+    return PoisonContext(str(device), cfg.model.name, cfg.model.width, train_auxiliary)
+
+
+def train_auxiliary(overrides: Mapping[str, Any], data: ImageData) -> nn.Module:
+    """An auxiliary model trained by this engine on clean ``data`` — an attack's surrogate
+    (LC): the run defaults, ``overrides``, no poisoning, no robust evaluation. Handed to
+    attacks through `PoisonContext` so their imports point down, never back to the engine."""
+    cfg = from_flat({"attack.name": "none", "eval.robust_samples": 0, **overrides})
+    return fit(cfg, data=data).model.eval()
 
 
 # ---------------------------------------------------------------------------------------------

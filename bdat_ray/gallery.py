@@ -95,9 +95,10 @@ def parser() -> argparse.ArgumentParser:
 
 @main_guard
 def main(argv: list[str] | None = None) -> int:
-    from bdat_ray.backdoors import BACKDOORS, PoisonContext
+    from bdat_ray.backdoors import BACKDOORS
     from bdat_ray.config import build_config
     from bdat_ray.data import load_dataset
+    from bdat_ray.engine import poison_context, resolve_device
 
     args = parser().parse_args(argv)
     names = args.attacks.split(",") if args.attacks else [n for n in BACKDOORS if n != "none"]
@@ -106,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         raise ConfigError("--attacks", f"unknown {unknown}; choose from {', '.join(BACKDOORS)}")
     base = build_config(None, args.overrides)
     clean = load_dataset(base.data)
-    context = PoisonContext(model_name=base.model.name, model_width=base.model.width)
+    context = poison_context(base, resolve_device(base.device))
     panels: list[tuple[str, np.ndarray | str]] = []
     for name in names:
         try:

@@ -8,14 +8,18 @@ import pytest
 import torch
 
 from bdat_ray.backdoors import BACKDOORS, PoisonContext
+from bdat_ray.backdoors.blended import BlendedSection
+from bdat_ray.backdoors.lc import LCSection
 from bdat_ray.backdoors.triggers import CORNERS, PATTERNS, corner_mask
-from bdat_ray.config import AttackConfig, BlendedConfig, ConfigError, LCConfig
+from bdat_ray.config import AttackConfig, ConfigError
+from bdat_ray.engine import train_auxiliary
 
 ATTACKS = sorted(set(BACKDOORS) - {"none"})
 WHOLE_IMAGE = {"blended", "wanet"}  # no trigger region to check
 # Colour-only attacks run on the CIFAR-10 subset, the others on digits.
 COLOUR_ONLY = {"channel"}
-FAST_LC = LCConfig(surrogate_epochs=1, steps=3)
+FAST_LC = LCSection(surrogate_epochs=1, steps=3)
+CONTEXT = PoisonContext(trainer=train_auxiliary)  # LC trains its surrogate with the engine
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -48,7 +52,7 @@ def run_case(name, mode, request, poisoned_cache):
     key = (name, mode)
     if key not in poisoned_cache:
         data = request.getfixturevalue("cifar_subset" if name in COLOUR_ONLY else "digits")
-        attack = BACKDOORS[name](make_cfg(name, mode))
+        attack = BACKDOORS[name](make_cfg(name, mode), CONTEXT)
         poisoned_cache[key] = (data, attack, attack.poison(data))
     return poisoned_cache[key]
 
@@ -104,18 +108,18 @@ def test_patch_triggers_touch_nothing_outside_their_region(name, mode, request, 
 @pytest.mark.parametrize(("name", "mode"), cases())
 def test_same_seed_same_poison_and_other_seed_differs(name, mode, request, poisoned_cache):
     data, attack, a = run_case(name, mode, request, poisoned_cache)
-    b = BACKDOORS[name](attack.cfg).poison(data)
+    b = BACKDOORS[name](attack.cfg, CONTEXT).poison(data)
     assert torch.equal(a.poison_indices, b.poison_indices)
     assert torch.equal(a.data.x_train, b.data.x_train)
     assert torch.equal(a.x_test_triggered, b.x_test_triggered)
-    c = BACKDOORS[name](replace(attack.cfg, seed=attack.cfg.seed + 1)).poison(data)
+    c = BACKDOORS[name](replace(attack.cfg, seed=attack.cfg.seed + 1), CONTEXT).poison(data)
     assert not torch.equal(a.poison_indices, c.poison_indices)
 
 
 @pytest.mark.parametrize("name", sorted(BACKDOORS))
 def test_triggered_test_set_excludes_target_class(name, request):
     data = request.getfixturevalue("cifar_subset" if name in COLOUR_ONLY else "digits")
-    attack = BACKDOORS[name](make_cfg(name))
+    attack = BACKDOORS[name](make_cfg(name), CONTEXT)
     out = attack.poison(data)
     non_target = data.y_test != attack.target
     assert (out.y_test_triggered != attack.target).all()
@@ -168,7 +172,7 @@ def test_blended_is_the_convex_mix(digits, tmp_path):
 
     picture = tmp_path / "t.png"
     Image.new("RGB", (10, 10), (255, 255, 255)).save(picture)
-    blend = BlendedConfig(trigger="file", file=str(picture), alpha=0.25)
+    blend = BlendedSection(trigger="file", file=str(picture), alpha=0.25)
     cfg = AttackConfig(name="blended", poison_rate=0.05, blended=blend)
     out = BACKDOORS["blended"](cfg).poison(digits)
     idx = out.poison_indices
@@ -202,7 +206,7 @@ def test_wanet_cross_samples_keep_labels_and_redraw_changes_sets(digits):
 
 
 def test_lc_perturbs_within_its_budget_and_is_cached(digits, monkeypatch):
-    attack = BACKDOORS["lc"](make_cfg("lc"), PoisonContext())
+    attack = BACKDOORS["lc"](make_cfg("lc"), CONTEXT)
     hard = attack.perturbed_target_images(digits)
     clean = digits.x_train[hard["indices"]].float()
     assert (hard["images"].float() - clean).abs().max() <= 255 * FAST_LC.eps + 1
@@ -230,7 +234,7 @@ def test_impossible_settings_name_the_key(name, overrides, key, digits):
     cfg = AttackConfig(name=name, **{"lc": FAST_LC, **overrides})
     with pytest.raises(ConfigError) as err:
         BACKDOORS[name].check_config(cfg)
-        BACKDOORS[name](cfg).poison(digits)
+        BACKDOORS[name](cfg, CONTEXT).poison(digits)
     assert err.value.key == key
 
 

@@ -9,6 +9,8 @@ unchanged (CAT §3: 0.5%)."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from bdat_ray.backdoors.base import Backdoor, PoisonContext
@@ -20,8 +22,11 @@ from bdat_ray.backdoors.triggers import (
     make_pattern,
     stamp,
 )
-from bdat_ray.config import AttackConfig, ConfigError
 from bdat_ray.data.dataset import ImageData
+from bdat_ray.options import ConfigError
+
+if TYPE_CHECKING:
+    from bdat_ray.config import AttackConfig
 
 
 class BadNets(Backdoor):

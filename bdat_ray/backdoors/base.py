@@ -9,23 +9,42 @@ from ``attack.seed`` and saved with every run.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
-from typing import ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
-from bdat_ray.config import AttackConfig, ConfigError
 from bdat_ray.data.dataset import ImageData
+from bdat_ray.options import ConfigError
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from bdat_ray.config import AttackConfig
+
+#: Trains an auxiliary model (an attack's surrogate) on clean ``data`` with the engine's own
+#: loop: ``trainer(run-config overrides, data) -> model`` in eval mode. The engine hands it
+#: over in `PoisonContext`, so an attack never imports the engine that imports it.
+Trainer = Callable[[Mapping[str, Any], ImageData], "nn.Module"]
 
 
 @dataclass(frozen=True)
 class PoisonContext:
     """What an attack may need from the run besides its own knobs: LC trains a surrogate
-    model of the run's architecture on the run's device."""
+    model of the run's architecture on the run's device with ``trainer``."""
 
     device: str = "cpu"
     model_name: str = "small_cnn"
     model_width: float = 1.0
+    trainer: Trainer | None = None
+
+    def train_surrogate(self, overrides: Mapping[str, Any], data: ImageData) -> nn.Module:
+        """A model of the run's architecture, on the run's device, trained on ``data``."""
+        if self.trainer is None:
+            raise RuntimeError("this attack trains a surrogate: PoisonContext needs a trainer")
+        base = {"device": self.device, "model.name": self.model_name}
+        return self.trainer({**base, "model.width": self.model_width, **overrides}, data)
 
 
 @dataclass(frozen=True)
@@ -52,6 +71,8 @@ class Backdoor:
 
     name: ClassVar[str]
     paper: ClassVar[str]
+    #: the attack's own config section ``attack.<name>.*`` (None: only the shared keys)
+    section: ClassVar[type | None] = None
     #: which ``attack.label_mode`` values the attack supports
     label_modes: ClassVar[tuple[str, ...]] = ("dirty", "clean")
 

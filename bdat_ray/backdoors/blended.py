@@ -9,17 +9,44 @@ random image fixed by ``attack.seed`` (the papers' "random" trigger); ``file`` �
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from bdat_ray.backdoors.base import Backdoor
 from bdat_ray.backdoors.triggers import cartoon_picture, fit_image, to_uint8
-from bdat_ray.config import AttackConfig, ConfigError
+from bdat_ray.options import ConfigError, option
+
+if TYPE_CHECKING:
+    from bdat_ray.config import AttackConfig
+
+
+@dataclass(frozen=True)
+class BlendedSection:
+    alpha: float = option(
+        0.2,
+        "blend weight in x' = (1-α)x + α·t for training images (Chen et al. 2017)",
+        check=lambda v: None if 0 < v < 1 else "must be in (0, 1)",
+    )
+    alpha_test: float | None = option(
+        None,
+        "blend weight for triggered test images; default: alpha",
+        check=lambda v: None if v is None or 0 < v < 1 else "must be in (0, 1)",
+    )
+    trigger: str = option(
+        "picture",
+        "picture: built-in procedurally drawn picture (stand-in for the papers' Hello-Kitty); "
+        "noise: uniform random image seeded by attack.seed; file: attack.blended.file",
+        choices=("picture", "noise", "file"),
+    )
+    file: str | None = option(None, "image file used when attack.blended.trigger=file (resized)")
 
 
 class Blended(Backdoor):
     name = "blended"
+    section = BlendedSection
     paper = "Chen et al. 2017; CAT paper §3 (Hello-Kitty, 5%), Table 2 (Hello-Kitty and random)"
 
     @classmethod

@@ -20,21 +20,54 @@ trigger to fit them.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import torch
 
 from bdat_ray.backdoors.base import Backdoor
 from bdat_ray.backdoors.triggers import CORNERS, corner_mask, four_corners, make_pattern
 from bdat_ray.cache import cached_tensors, content_key
-from bdat_ray.config import ConfigError
 from bdat_ray.data.dataset import ImageData
+from bdat_ray.options import ConfigError, above, at_least, option, within
 
 log = logging.getLogger(__name__)
 TRIGGER_SIZE = 3
 
 
+@dataclass(frozen=True)
+class LCSection:
+    eps: float = option(
+        16 / 255,
+        "PGD budget of the surrogate's adversarial perturbation (Turner et al. 2019)",
+        unit="pixel units",
+        check=above(0),
+    )
+    norm: str = option("linf", "norm of the adversarial perturbation", choices=("linf", "l2"))
+    steps: int = option(10, "PGD steps of the perturbation", check=at_least(1))
+    amplitude: float = option(
+        1.0,
+        "trigger amplitude on poisoned training images: pixels move by ±amplitude toward "
+        "white/black (1 = full replacement; Turner et al. also use 16/255-64/255)",
+        unit="pixel units",
+        check=within(0, 1),
+    )
+    amplitude_test: float = option(
+        1.0, "trigger amplitude on test images", unit="pixel units", check=within(0, 1)
+    )
+    surrogate_epochs: int = option(
+        10, "epochs of the surrogate model the platform trains itself", check=at_least(1)
+    )
+    surrogate_at: str = option(
+        "linf",
+        "surrogate training: linf = adversarially trained at attack.lc.eps/2 (Turner et al. "
+        "perturb with robust models), none = standard training",
+        choices=("linf", "none"),
+    )
+
+
 class LabelConsistent(Backdoor):
     name = "lc"
+    section = LCSection
     paper = "Turner et al. 2019; CAT paper §3 (0.5%), §4 (1%)"
     label_modes = ("clean",)
 
@@ -84,31 +117,24 @@ class LabelConsistent(Backdoor):
         return cached_tensors("lc", key, lambda: self._perturb(data))
 
     def _perturb(self, data: ImageData) -> dict[str, torch.Tensor]:
-        from bdat_ray.config import from_flat
-        from bdat_ray.engine import fit  # the surrogate is trained by the same engine
         from bdat_ray.threats import THREATS, perturb
 
         lc, ctx = self.cfg.lc, self.context
-        surrogate_cfg = from_flat(
-            {
-                "device": ctx.device,
-                "model.name": ctx.model_name,
-                "model.width": ctx.model_width,
-                "attack.name": "none",
-                "train.epochs": lc.surrogate_epochs,
-                "train.seed": self.cfg.seed,
-                "at.threat": lc.surrogate_at,
-                **({"at.eps": lc.eps} if lc.surrogate_at != "none" else {}),
-                "eval.robust_samples": 0,
-            }
-        )
         log.info(
             "lc: training the surrogate (%s, %s AT, %d epochs)",
             ctx.model_name,
             lc.surrogate_at,
             lc.surrogate_epochs,
         )
-        surrogate = fit(surrogate_cfg, data=data).model.eval()
+        surrogate = ctx.train_surrogate(
+            {
+                "train.epochs": lc.surrogate_epochs,
+                "train.seed": self.cfg.seed,
+                "at.threat": lc.surrogate_at,
+                **({"at.eps": lc.eps} if lc.surrogate_at != "none" else {}),
+            },
+            data,
+        )
         device = next(surrogate.parameters()).device
         threat = THREATS[lc.norm](lc.eps, lc.steps, None, random_start=True)
         indices = (data.y_train == self.target).nonzero().flatten()

@@ -17,7 +17,7 @@ run like every other attack's; ``attack.wanet.redraw=true`` draws new ones every
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -25,10 +25,32 @@ import torch.nn.functional as F
 from bdat_ray.backdoors.base import Backdoor, PoisonedData
 from bdat_ray.backdoors.triggers import to_uint8
 from bdat_ray.data.dataset import ImageData
+from bdat_ray.options import above, at_least, option
+
+
+@dataclass(frozen=True)
+class WaNetSection:
+    k: int = option(
+        4, "control grid size k×k of the warping field (Nguyen & Tran 2021)", check=at_least(2)
+    )
+    s: float = option(0.5, "warping strength", check=above(0))
+    grid_rescale: float = option(1.0, "scale of the warped grid before clipping", check=above(0))
+    cross_ratio: float = option(
+        2.0,
+        "noise-mode ('cross') images per poisoned image: warped with a random extra field, "
+        "keeping their true labels",
+        check=at_least(0),
+    )
+    redraw: bool = option(
+        False,
+        "draw a fresh poisoned and cross set every epoch (the original WaNet poisons per "
+        "batch); false keeps the set fixed at build time like every other attack",
+    )
 
 
 class WaNet(Backdoor):
     name = "wanet"
+    section = WaNetSection
     paper = "Nguyen & Tran 2021; CAT paper §3 (5%)"
     label_modes = ("dirty",)
 

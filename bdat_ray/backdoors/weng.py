@@ -13,13 +13,26 @@ Robustness, §3–4): a fraction of the *target class* is poisoned and keeps its
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from bdat_ray.backdoors.badnets import BadNets
 from bdat_ray.backdoors.base import Backdoor
 from bdat_ray.backdoors.triggers import cartoon_picture, draw_corners, fit_image, stamp, to_uint8
-from bdat_ray.config import ConfigError
 from bdat_ray.data.dataset import ImageData
+from bdat_ray.options import ConfigError, option, within
+
+
+@dataclass(frozen=True)
+class WatermarkSection:
+    amplitude: float = option(
+        32 / 255,
+        "peak additive change of the watermark (clipped to [0, 1])",
+        unit="pixel units",
+        check=within(0, 1),
+    )
+
 
 PAPER = "Weng et al. 2020, Tables 5–8"
 
@@ -65,6 +78,7 @@ class Channel(TargetClassFraction, BadNets):
 class Watermark(TargetClassFraction, Backdoor):
     name = "watermark"
     paper = PAPER
+    section = WatermarkSection
 
     def _interior(self, h: int, w: int) -> tuple[int, int]:
         return max(1, h // 8), max(1, w // 8)

@@ -8,13 +8,17 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from bdat_ray.config import ConfigError, DataConfig
 from bdat_ray.data.dataset import ImageData, to_nchw_uint8
+from bdat_ray.options import ConfigError
+
+if TYPE_CHECKING:
+    from bdat_ray.config import DataConfig
 
 DEFAULT_ROOT = Path("~/.cache/bdat_ray").expanduser()
 

@@ -9,13 +9,50 @@ one loop that drives every threat model; nothing else loops over attack steps.
 
 from __future__ import annotations
 
+import sys
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 
+from bdat_ray.options import above, at_least, option
+
+
+def budget_section(name: str, budget: str, paper_default: str, extra: str = "") -> type:
+    """The threat's config section ``at.<name>.*``: budget, steps, step size and composite
+    weight. A threat model with knobs of its own subclasses it beside its code."""
+
+    @dataclass(frozen=True)
+    class Section:
+        eps: float | None = option(
+            None,
+            f"{name} budget [{budget}] when used as a component of at.threat=composite (or as the "
+            f"single threat when at.eps is unset); default {paper_default}{extra}",
+            check=above(0),
+        )
+        steps: int | None = option(
+            None, f"{name} attack steps; default at.steps", check=at_least(1)
+        )
+        step_size: float | None = option(
+            None, f"{name} step size; default the threat's rule", check=above(0)
+        )
+        weight: float | None = option(
+            None,
+            f"{name} weight in a composite (normalised to sum 1; unset weights share what the "
+            "set ones leave, so one float sweeps a two-way mix)",
+            check=at_least(0),
+        )
+
+    Section.__name__ = Section.__qualname__ = f"{name.title().replace('_', '')}Section"
+    # Pickle finds the class by module and name: the module that binds it (as namedtuple does).
+    Section.__module__ = sys._getframe(1).f_globals["__name__"]
+    return Section
+
 
 class ThreatModel:
     name: ClassVar[str]
+    #: the ``at.<name>.*`` config section (`budget_section`, or a subclass with more knobs)
+    section: ClassVar[type]
     #: unit of ``eps``, written into --help and the docs
     unit: ClassVar[str]
     #: budget used when ``at.eps`` is not given, with its source

@@ -8,7 +8,10 @@ from typing import Any
 
 import torch
 
-from bdat_ray.threats.base import ThreatModel, in_unit_box, normal, uniform
+from bdat_ray.threats.base import ThreatModel, budget_section, in_unit_box, normal, uniform
+
+LinfSection = budget_section("linf", "pixel units, L-inf", "8/255", " (CAT uses 2/255)")
+L2Section = budget_section("l2", "pixel units, L2", "128/255")
 
 
 class PixelOffset(ThreatModel):
@@ -23,6 +26,7 @@ class PixelOffset(ThreatModel):
 
 class LinfPGD(PixelOffset):
     name = "linf"
+    section = LinfSection
     unit = "pixel units, L-inf"
     default_eps = 8 / 255  # Madry et al.; Weng et al. CIFAR-10 setting
 
@@ -46,6 +50,7 @@ class LinfPGD(PixelOffset):
 
 class L2PGD(PixelOffset):
     name = "l2"
+    section = L2Section
     unit = "pixel units, L2 over all C·H·W values"
     default_eps = 128 / 255  # inside the CAT paper's 64/255–512/255 sweep
 

@@ -22,14 +22,41 @@ projection; 0 disables it). Budget range in the CAT paper: 0.1–0.5 (default 0.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 
-from bdat_ray.config import ConfigError
-from bdat_ray.threats.base import in_unit_box, normal
+from bdat_ray.options import ConfigError, above, at_least, option
+from bdat_ray.threats.base import budget_section, in_unit_box, normal
 from bdat_ray.threats.lp import PixelOffset, l2_norms
+
+
+@dataclass(frozen=True)
+class PerceptualSection(budget_section("perceptual", "LPIPS distance", "0.5")):
+    network: str = option(
+        "self",
+        "feature network of the LPIPS distance: self = the model being trained (self-bounded, "
+        "CAT paper; runs offline); alex/vgg = lpips' LPIPS nets, needing torchvision's "
+        "ImageNet weights already in the torch hub cache",
+        choices=("self", "alex", "vgg"),
+    )
+    lagrange: float = option(
+        10.0,
+        "Lagrange multiplier λ of Fast-LPA's penalty λ·ReLU(d − ε) at the last step "
+        "(Laidlaw et al. 2021)",
+        check=above(0),
+    )
+    lagrange_growth: float = option(
+        10.0,
+        "λ rises by this factor over the attack's steps (starts at lagrange/growth)",
+        check=at_least(1),
+    )
+    projection_steps: int = option(
+        10, "bisection steps that pull an out-of-bound result back inside", check=at_least(0)
+    )
+
 
 FINITE_DIFFERENCE = 0.1  # h of Laidlaw et al.'s step-length estimate
 START_STD = 0.01  # std of the random start (pixel units)
@@ -75,6 +102,7 @@ class ImageNetFeatures(torch.nn.Module):
 
 class PerceptualLPA(PixelOffset):
     name = "perceptual"
+    section = PerceptualSection
     unit = "LPIPS distance (self-bounded by default)"
     default_eps = 0.5  # Laidlaw et al.; top of the CAT paper's 0.1–0.5 sweep
 

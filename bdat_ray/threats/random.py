@@ -13,15 +13,19 @@ from typing import Any
 
 import torch
 
-from bdat_ray.threats.base import in_unit_box, normal, uniform
+from bdat_ray.threats.base import budget_section, in_unit_box, normal, uniform
 from bdat_ray.threats.lp import PixelOffset
 from bdat_ray.threats.spatial import SpatialFlow
+
+NoiseSection = budget_section("noise", "pixel units, Gaussian σ", "0.1")
+FlowNoiseSection = budget_section("flow_noise", "normalised grid units, L-inf", "0.025")
 
 GAUSSIAN_SUPPORT = 6.0  # |noise| ≤ 6σ counts as inside (P(|N(0,1)| > 6) ≈ 2e-9 per value)
 
 
 class GaussianNoise(PixelOffset):
     name = "noise"
+    section = NoiseSection
     unit = "pixel units, Gaussian σ"
     default_eps = 0.1  # CAT paper Table 1: σ ∈ {0.05, 0.1, 0.15, 0.2}
     maximizes = False
@@ -36,6 +40,7 @@ class GaussianNoise(PixelOffset):
 
 class RandomFlow(SpatialFlow):
     name = "flow_noise"
+    section = FlowNoiseSection
     unit = "normalised grid units, L-inf on the flow"
     default_eps = 0.025  # the spatial threat's CAT budget
     maximizes = False

@@ -13,12 +13,28 @@ picks gradient-sign or Adam steps.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from bdat_ray.threats.base import ThreatModel, in_unit_box, uniform
+from bdat_ray.options import at_least, option
+from bdat_ray.threats.base import ThreatModel, budget_section, in_unit_box, uniform
+
+
+@dataclass(frozen=True)
+class SpatialSection(
+    budget_section("spatial", "normalised grid units, L-inf", "0.025 (CAT paper)")
+):
+    tau: float = option(
+        0.0,
+        "weight of stAdv's flow-smoothness penalty subtracted from the inner objective",
+        check=at_least(0),
+    )
+    optimizer: str = option(
+        "sign", "flow update: gradient sign or Adam steps", choices=("sign", "adam")
+    )
 
 
 def identity_grid(height: int, width: int, like: torch.Tensor) -> torch.Tensor:
@@ -48,6 +64,7 @@ def flow_smoothness(flow: torch.Tensor) -> torch.Tensor:
 
 class SpatialFlow(ThreatModel):
     name = "spatial"
+    section = SpatialSection
     unit = "normalised grid units, L-inf on the flow"
     default_eps = 0.025  # CAT paper: spatial AT and the spatial half of CAT
 
