@@ -454,7 +454,7 @@ def fit(
 
 def save_poisoning_artifacts(prep: Prepared, workdir: Path) -> None:
     """The poisoned (and WaNet noise-mode) indices and a picture of the trigger."""
-    from bdat_ray.gallery import attack_mosaic, panel_title, save_gallery
+    from bdat_ray.backdoors.pictures import attack_mosaic, panel_title, save_gallery
 
     workdir.mkdir(parents=True, exist_ok=True)
     p = prep.poisoned

@@ -1,0 +1,74 @@
+"""Pictures of a poisoning: clean training images, the same images poisoned, triggered test
+images and the poisoned-minus-clean difference amplified ×4 (subtle triggers such as WaNet's
+warp or LC's perturbation become visible). Every run draws its own (``trigger.png``);
+``python -m bdat_ray.gallery`` draws every attack side by side."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bdat_ray.backdoors.base import PoisonedData
+from bdat_ray.data.dataset import ImageData
+
+ROWS = ("clean", "poisoned (train)", "triggered (test)", "|difference| ×4")
+DIFF_GAIN = 4
+
+
+def attack_mosaic(clean: ImageData, poisoned: PoisonedData, n: int = 6, gap: int = 1) -> np.ndarray:
+    """An (H', W', 3) uint8 mosaic: the four ROWS for ``n`` poisoned images of one attack."""
+    idx = poisoned.poison_indices[:n].cpu()
+    before = clean.x_train[idx].cpu()
+    after = poisoned.data.x_train[idx].cpu()
+    test = poisoned.x_test_triggered[:n].cpu()
+    diff = ((after.float() - before.float()).abs() * DIFF_GAIN).clamp(0, 255).to(torch.uint8)
+    rows = [before, after, test, diff]
+    c, h, w = clean.image_shape
+    cols = max(1, len(idx))
+    canvas = np.full(((h + gap) * len(rows) - gap, (w + gap) * cols - gap, 3), 255, np.uint8)
+    for r, images in enumerate(rows):
+        for j, img in enumerate(images[:cols]):
+            rgb = img.permute(1, 2, 0).numpy()
+            canvas[r * (h + gap) : r * (h + gap) + h, j * (w + gap) : j * (w + gap) + w] = (
+                np.repeat(rgb, 3, axis=2) if c == 1 else rgb
+            )
+    return canvas
+
+
+def save_gallery(panels: list[tuple[str, np.ndarray | str]], path: Path, columns: int = 2) -> Path:
+    """Draw ``(title, mosaic-or-reason)`` panels into one PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    columns = min(columns, len(panels))
+    rows = -(-len(panels) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(6.2 * columns, 3.6 * rows), squeeze=False)
+    for ax, (title, content) in zip(axes.flat, panels, strict=False):
+        ax.set_title(title, fontsize=10, loc="left")
+        ax.set_xticks([])
+        if isinstance(content, str):
+            ax.text(0.5, 0.5, textwrap.fill(content, 60), ha="center", va="center", fontsize=9)
+            ax.set_yticks([])
+            continue
+        ax.imshow(content, interpolation="nearest")
+        height = content.shape[0] / len(ROWS)
+        ax.set_yticks([height * (i + 0.5) for i in range(len(ROWS))], ROWS, fontsize=8)
+    for ax in list(axes.flat)[len(panels) :]:
+        ax.axis("off")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def panel_title(cfg_flat: dict, poisoned: PoisonedData, n_train: int) -> str:
+    name = cfg_flat["attack.name"]
+    rate = 100 * len(poisoned.poison_indices) / n_train
+    mode = cfg_flat.get("attack.label_mode") or ""
+    return f"{name} ({mode}-label, {len(poisoned.poison_indices)} images = {rate:.1f}% of train)"
