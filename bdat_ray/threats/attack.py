@@ -7,7 +7,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from bdat_ray.threats.base import ThreatModel
@@ -44,9 +43,10 @@ def perturb(
     bn_mode: str = "eval",
     amp_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """Search ``threat`` around ``x`` for inputs that maximise the cross-entropy on ``y``.
+    """Search ``threat`` around ``x`` for inputs that maximise the loss on ``y``.
 
-    Maximises ``CE(f(x'), y) - threat.penalty(...)`` per sample with ``threat.steps`` ascent
+    Maximises ``threat.attack_loss(f(x'), y) - threat.penalty(...)`` (cross-entropy unless the
+    threat's reference attack uses the margin loss) per sample with ``threat.steps`` ascent
     steps from ``threat.init``, projecting after each step, then ``threat.finalize``. Threat
     models that do not maximise (random controls) return their random draw. Returns a
     detached batch in [0, 1].
@@ -64,7 +64,7 @@ def perturb(
                 x_adv = threat.apply(x, delta)
                 with autocast:
                     logits = threat.logits(model, x_adv, memory)
-                objective = F.cross_entropy(logits.float(), y, reduction="none")
+                objective = threat.attack_loss(logits.float(), y)
                 objective = objective - threat.penalty(x, x_adv, delta, memory)
                 (grad,) = torch.autograd.grad(objective.sum(), delta)
                 delta = threat.project(x, threat.ascend(x, delta.detach(), grad, memory))
