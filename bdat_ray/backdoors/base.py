@@ -56,13 +56,18 @@ class PoisonedData:
     target: int
     # images altered without being poisoned (WaNet's noise-mode samples keep true labels)
     cross_indices: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.long))
+    # the triggered TARGET-class test images: with x_test_triggered, every test image
+    # triggered, for Weng et al.'s count (`bdat_ray.metrics.attack_success_rate_by_prediction`)
+    x_test_triggered_target: torch.Tensor | None = None
 
     def to(self, device: torch.device | str) -> PoisonedData:
+        target_class = self.x_test_triggered_target
         return replace(
             self,
             data=self.data.to(device),
             x_test_triggered=self.x_test_triggered.to(device),
             y_test_triggered=self.y_test_triggered.to(device),
+            x_test_triggered_target=target_class.to(device) if target_class is not None else None,
         )
 
 
@@ -171,8 +176,16 @@ class Backdoor:
             y_train[indices] = self.target
         keep = data.y_test != self.target
         x_triggered = self.apply(data.x_test[keep], generator, train=False)
+        x_triggered_target = self.apply(data.x_test[~keep], generator, train=False)
         poisoned = replace(data, x_train=x_train, y_train=y_train)
-        return PoisonedData(poisoned, indices, x_triggered, data.y_test[keep], self.target)
+        return PoisonedData(
+            poisoned,
+            indices,
+            x_triggered,
+            data.y_test[keep],
+            self.target,
+            x_test_triggered_target=x_triggered_target,
+        )
 
 
 class NoBackdoor(Backdoor):

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 
-CROP_PADDING = 4  # pixels of zero padding before the random crop (CAT paper, standard CIFAR)
+CROP_PADDING = 4  # default of train.crop_padding (CAT paper, standard CIFAR; Weng et al.: 2)
 
 
 def random_crop(x: torch.Tensor, padding: int, generator: torch.Generator) -> torch.Tensor:
@@ -34,10 +34,13 @@ def random_flip(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return torch.where(flip.to(x.device)[:, None, None, None], x.flip(3), x)
 
 
-def augment(x: torch.Tensor, mode: str, generator: torch.Generator) -> torch.Tensor:
-    """``mode``: none | crop | crop_flip (resolved from ``train.augment``)."""
-    if mode in ("crop", "crop_flip"):
-        x = random_crop(x, CROP_PADDING, generator)
+def augment(
+    x: torch.Tensor, mode: str, generator: torch.Generator, padding: int = CROP_PADDING
+) -> torch.Tensor:
+    """``mode``: none | crop | crop_flip (resolved from ``train.augment``); ``padding``: px of
+    zero padding before the crop (``train.crop_padding``)."""
+    if mode in ("crop", "crop_flip") and padding:
+        x = random_crop(x, padding, generator)
     if mode == "crop_flip":
         x = random_flip(x, generator)
     return x
