@@ -217,8 +217,9 @@ class ATKeys:
     bn_mode: str = option(
         "eval",
         "BatchNorm mode while the attack runs: eval uses (and never updates) running statistics; "
-        "train uses batch statistics and updates the running ones",
-        choices=("eval", "train"),
+        "train uses batch statistics and updates the running ones; batch uses batch statistics "
+        "and leaves the running ones alone (Weng et al.'s reference)",
+        choices=("eval", "train", "batch"),
     )
     components: str = option(
         "linf,spatial",

@@ -308,16 +308,14 @@ def train_epoch(
     for idx in shuffled_batches(
         len(data.y_train), prep.cfg.train.batch_size, generators["data"], prep.device
     ):
+        # attacks defined per batch (WaNet) poison here, before augmentation; others pass
+        images, y = prep.backdoor.poison_batch(
+            data.x_train[idx], data.y_train[idx], generators["data"]
+        )
         x = to_float(
-            augment(
-                data.x_train[idx],
-                prep.augment_mode,
-                generators["data"],
-                prep.cfg.train.crop_padding,
-            ),
+            augment(images, prep.augment_mode, generators["data"], prep.cfg.train.crop_padding),
             prep.channels_last,
         )
-        y = data.y_train[idx]
         out = objective.batch_loss(model, x, y, generators["attack"], prep.amp_dtype)
         optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
@@ -492,7 +490,8 @@ def fit(
 
 
 def save_poisoning_artifacts(prep: Prepared, workdir: Path) -> None:
-    """The poisoned (and WaNet noise-mode) indices and a picture of the trigger."""
+    """The poisoned (and WaNet noise-mode) indices and a picture of the trigger (empty for
+    an attack poisoning per batch, which keeps no fixed set; its picture shows what it does)."""
     from bdat_ray.gallery import attack_mosaic, panel_title, save_gallery
 
     workdir.mkdir(parents=True, exist_ok=True)
@@ -500,13 +499,15 @@ def save_poisoning_artifacts(prep: Prepared, workdir: Path) -> None:
     np.save(workdir / "poisoned_indices.npy", p.poison_indices.cpu().numpy())
     if len(p.cross_indices):
         np.save(workdir / "cross_indices.npy", p.cross_indices.cpu().numpy())
+    if not len(p.poison_indices):
+        p = prep.backdoor.illustration(prep.clean)
     if len(p.poison_indices):
         title = panel_title(prep.cfg.to_flat(), p, len(prep.clean.y_train))
         save_gallery([(title, attack_mosaic(prep.clean, p))], workdir / "trigger.png")
 
 
 def redraw_poison(prep: Prepared, epoch: int) -> None:
-    """A fresh poisoned training set for attacks defined per epoch (``attack.wanet.redraw``),
+    """A fresh poisoned training set for attacks defined per epoch (WaNet's ``per_epoch``),
     seeded by ``attack.seed`` and the epoch so a resumed run draws the same sets."""
     fresh = prep.backdoor.poison(prep.clean, epoch=epoch)
     data = prep.poisoned.data

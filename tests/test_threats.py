@@ -68,7 +68,7 @@ def test_attack_raises_loss_above_clean_and_random(name, trained_digits_model, b
 
 @pytest.mark.parametrize("name", sorted(THREATS))
 @pytest.mark.parametrize("start_training", [True, False])
-@pytest.mark.parametrize("bn_mode", ["eval", "train"])
+@pytest.mark.parametrize("bn_mode", ["eval", "train", "batch"])
 def test_mode_restored_and_no_weight_gradients(name, start_training, bn_mode, digits, batch):
     from tests.conftest import small_model
 
@@ -85,7 +85,29 @@ def test_mode_restored_and_no_weight_gradients(name, start_training, bn_mode, di
     assert [p.requires_grad for p in model.parameters()] == frozen_before
     assert all(p.grad is None for p in model.parameters())
     if THREATS[name].maximizes:
-        assert seen_modes and all(m is (bn_mode == "train") for m in seen_modes)
+        assert seen_modes and all(m is (bn_mode != "eval") for m in seen_modes)
+
+
+@pytest.mark.parametrize(
+    ("bn_mode", "updates"), [("eval", False), ("train", True), ("batch", False)]
+)
+def test_bn_mode_batch_uses_batch_statistics_without_updating(bn_mode, updates, digits, batch):
+    """Weng et al.'s reference crafts PGD with batch statistics (training graph) and never
+    runs the running-statistics updates; ``train`` updates them at every attack step."""
+    from tests.conftest import small_model
+
+    model = small_model(digits).eval()
+    x, y = batch
+    before = {k: v.clone() for k, v in model.state_dict().items() if "running" in k}
+    seen = []
+    bn = next(m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    hook = bn.register_forward_pre_hook(lambda m, _: seen.append(m.training))
+    perturb(model, x, y, make("linf"), generator=torch.Generator().manual_seed(0), bn_mode=bn_mode)
+    hook.remove()
+    after = model.state_dict()
+    changed = any(not torch.equal(v, after[k]) for k, v in before.items())
+    assert changed is updates
+    assert all(m is (bn_mode != "eval") for m in seen)
 
 
 @pytest.mark.parametrize("name", sorted(THREATS))

@@ -160,6 +160,19 @@ class Backdoor:
     #: attacks defined with a fresh poisoned set per epoch override this (WaNet's knob)
     redraws_each_epoch: ClassVar[bool] = False
 
+    def poison_batch(
+        self, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Poison a training batch (uint8 images, labels) as the engine draws it, for attacks
+        defined per batch (WaNet's original scheme). Most attacks poison once in `poison`
+        and return the batch unchanged, drawing nothing from ``generator``."""
+        return x, y
+
+    def illustration(self, data: ImageData) -> PoisonedData:
+        """Poisoned data to picture (gallery, ``trigger.png``): `poison`'s, unless the attack
+        keeps no fixed poisoned set."""
+        return self.poison(data)
+
     def draw_seed(self, epoch: int) -> int:
         """Seed of the poisoned-set draw: ``attack.seed`` at build time (epoch 0), a distinct
         reproducible one per later epoch for attacks that re-draw."""

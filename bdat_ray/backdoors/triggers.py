@@ -105,16 +105,18 @@ def corner_mask(
 
 
 def four_corners(x: torch.Tensor, patch: torch.Tensor, amplitude: float) -> torch.Tensor:
-    """Label-consistent attack's trigger (Turner et al. 2019): the patch in all four corners,
-    each pixel pushed ±``amplitude`` (pixel units) toward the patch's white/black and clipped;
-    amplitude 1 replaces the pixels outright."""
+    """Label-consistent attack's trigger (Turner et al. 2019): the patch in all four corners —
+    as given in the left ones, mirrored left-right in the right ones (MadryLab's
+    ``all-corners`` mask) — each pixel pushed ±``amplitude`` (pixel units) toward the patch's
+    white/black and clipped; amplitude 1 replaces the pixels outright."""
     out = x.float() / 255
     sign = patch.float().to(x.device) / 255 * 2 - 1  # +1 white, -1 black
     k = patch.shape[-1]
     for corner in CORNERS:
         r, c = corner_origin(corner, tuple(x.shape[-2:]), k)
         region = out[:, :, r : r + k, c : c + k]
-        out[:, :, r : r + k, c : c + k] = (region + amplitude * sign).clamp(0, 1)
+        mirrored = sign.flip(-1) if corner.endswith("right") else sign
+        out[:, :, r : r + k, c : c + k] = (region + amplitude * mirrored).clamp(0, 1)
     return to_uint8(out)
 
 

@@ -16,11 +16,17 @@ def random_crop(x: torch.Tensor, padding: int, generator: torch.Generator) -> to
     """Zero-pad by ``padding`` and crop back to the input size at a random offset per image.
 
     One gather for the whole batch: row/column index grids shifted per image."""
+    offsets = torch.randint(
+        0, 2 * padding + 1, (2, x.shape[0]), generator=generator, device=generator.device
+    ).to(x.device)
+    return crop(x, padding, offsets)
+
+
+def crop(x: torch.Tensor, padding: int, offsets: torch.Tensor) -> torch.Tensor:
+    """Zero-pad by ``padding`` and crop each image back to size at its (row, col) offset
+    (``offsets``: (2, N) in [0, 2·padding])."""
     n, c, h, w = x.shape
     padded = F.pad(x, (padding,) * 4)
-    offsets = torch.randint(
-        0, 2 * padding + 1, (2, n), generator=generator, device=generator.device
-    ).to(x.device)
     rows = (offsets[0, :, None] + torch.arange(h, device=x.device))[:, None, :, None]
     cols = (offsets[1, :, None] + torch.arange(w, device=x.device))[:, None, None, :]
     batch = torch.arange(n, device=x.device)[:, None, None, None]

@@ -4,12 +4,19 @@ controls, each component of a composite — is searched by `perturb`; no second 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 from torch import nn
 
+from bdat_ray.models.common import batch_statistics_frozen
 from bdat_ray.threats.base import ThreatModel
+
+#: BatchNorm during the attack: eval = running statistics (never updated); train = batch
+#: statistics, updating the running ones at every attack step; batch = batch statistics,
+#: running ones untouched (Weng et al.'s reference crafts PGD on the training graph without
+#: running its update ops)
+BN_MODES = ("eval", "train", "batch")
 
 
 @contextmanager
@@ -22,11 +29,12 @@ def attack_mode(model: nn.Module, bn_mode: str) -> Iterator[None]:
     was_training = model.training
     params = list(model.parameters())
     flags = [p.requires_grad for p in params]
-    model.train(bn_mode == "train")
+    model.train(bn_mode != "eval")
     for p in params:
         p.requires_grad_(False)
     try:
-        yield
+        with batch_statistics_frozen(model) if bn_mode == "batch" else nullcontext():
+            yield
     finally:
         for p, flag in zip(params, flags, strict=True):
             p.requires_grad_(flag)
