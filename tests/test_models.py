@@ -66,6 +66,18 @@ def test_resnet32_has_weng_filters():
     assert sorted({c.out_channels for c in convs}) == [16, 32, 64]
 
 
+def test_madry_resnet32_is_wengs_reference_network():
+    """cifar10/classifier_cifar10.py: 31 3×3 convs (16-16-32-64), leaky ReLU 0.1, no 1×1
+    shortcut convs, per-image standardisation (a brightness shift changes nothing)."""
+    model = build_model("madry_resnet32", num_classes=10, in_channels=3).eval()
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert len(convs) == 31 and all(c.kernel_size == (3, 3) for c in convs)
+    assert sorted({c.out_channels for c in convs}) == [16, 32, 64]
+    x = torch.rand(2, 3, 32, 32) * 0.5
+    with torch.no_grad():
+        assert torch.allclose(model(x), model(x + 0.3), atol=1e-4)
+
+
 def test_normalisation_is_inside_the_model():
     model = build_model("small_cnn", num_classes=10, in_channels=1, mean=[0.3], std=[0.2])
     assert torch.allclose(model.normalize(torch.full((1, 1, 2, 2), 0.5)), torch.ones(1, 1, 2, 2))
