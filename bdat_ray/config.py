@@ -84,14 +84,39 @@ class TrainConfig:
     epochs: int = option(15, "training epochs (the CAT paper uses 100)", check=at_least(1))
     batch_size: int = option(128, "mini-batch size", unit="images", check=at_least(1))
     lr: float = option(
-        0.1, "initial SGD learning rate, divided by 10 at 60% and 90% of the epochs", check=above(0)
+        0.1, "initial learning rate, divided by 10 at each of train.lr_milestones", check=above(0)
+    )
+    lr_milestones: str = option(
+        "0.6,0.9",
+        "comma-separated epochs where lr is divided by 10: fractions in (0, 1) of train.epochs "
+        "(CAT paper: 0.6,0.9) or whole epochs (Weng et al.'s reference: 80,120); empty = constant",
+        check=lambda v: lr_milestones_problem(v),
+    )
+    optimizer: str = option(
+        "sgd",
+        "sgd (momentum, both papers' CIFAR setting) or adam (Weng et al.'s MNIST reference, "
+        "lr 1e-4; train.momentum then unused)",
+        choices=("sgd", "adam"),
     )
     momentum: float = option(0.9, "SGD momentum", check=within(0, 1))
-    weight_decay: float = option(5e-4, "SGD weight decay", check=at_least(0))
+    weight_decay: float = option(
+        5e-4,
+        "L2 weight decay added to the gradient (SGD/Adam weight_decay; Weng et al.'s "
+        "0.002·Σ l2_loss(W) = 0.002·Σ ½‖W‖² is weight_decay 2e-3)",
+        check=at_least(0),
+    )
     seed: int = option(0, "seed of weights, data order, augmentation and attack starts")
+    crop_padding: int = option(
+        4,
+        "zero padding before the random crop (CAT paper / standard CIFAR: 4; Weng et al.'s "
+        "reference pads 32->36, i.e. 2)",
+        unit="px",
+        check=at_least(0),
+    )
     augment: str = option(
         "auto",
-        "batched on-device augmentation: random crop (pad 4) and horizontal flip; auto = "
+        "batched on-device augmentation: random crop (pad train.crop_padding) and horizontal "
+        "flip; auto = "
         "crop+flip for colour images (CAT paper), none for grey digits (Madry et al.'s MNIST "
         "setting; a crop also pushes small corner triggers out of the image)",
         choices=("auto", "none", "crop", "crop_flip"),
@@ -145,8 +170,24 @@ class AttackKeys:
     )
     position: str = option(
         "bottom_right",
-        "patch corner; random_corner draws a corner per image (Weng et al. Table 8)",
-        choices=("bottom_right", "bottom_left", "top_right", "top_left", "random_corner"),
+        "patch corner; random_corner draws a corner per image for train and test; "
+        "quarter_corners puts a quarter of the training poisons at each corner and tests at "
+        "the bottom-right (Weng et al. Table 8, their reference code)",
+        choices=(
+            "bottom_right",
+            "bottom_left",
+            "top_right",
+            "top_left",
+            "random_corner",
+            "quarter_corners",
+        ),
+    )
+    trigger_offset: int = option(
+        0,
+        "distance of the patch from the image border (badnets, sticker, channel at a corner; "
+        "Weng et al.'s CIFAR reference: 2, i.e. pixels 27:30 on 32×32; their MNIST one: 0)",
+        unit="px",
+        check=at_least(0),
     )
     seed: int = option(0, "seed of the poisoned-index draw and of random triggers")
 
@@ -176,8 +217,9 @@ class ATKeys:
     bn_mode: str = option(
         "eval",
         "BatchNorm mode while the attack runs: eval uses (and never updates) running statistics; "
-        "train uses batch statistics and updates the running ones",
-        choices=("eval", "train"),
+        "train uses batch statistics and updates the running ones; batch uses batch statistics "
+        "and leaves the running ones alone (Weng et al.'s reference)",
+        choices=("eval", "train", "batch"),
     )
     components: str = option(
         "linf,spatial",
@@ -202,6 +244,22 @@ class DefenseKeys:
         "trained model (see bdat_ray/defenses); composes with at.* where the papers do",
         choices=registry_names("bdat_ray.defenses", "DEFENSES"),
     )
+
+
+def lr_milestones_problem(text: str) -> str | None:
+    """Why ``train.lr_milestones`` cannot be read, or None."""
+    try:
+        parse_lr_milestones(text)
+    except ValueError:
+        return "must be comma-separated fractions in (0, 1) or whole epochs ≥ 1, e.g. 0.6,0.9"
+    return None
+
+
+def parse_lr_milestones(text: str) -> list[float]:
+    values = [float(part) for part in text.split(",") if part.strip()]
+    if any(v <= 0 or (v >= 1 and not v.is_integer()) for v in values):
+        raise ValueError(text)
+    return values
 
 
 def with_plugin_sections(keys: type, registry: Mapping[str, type], name: str) -> type:

@@ -3,8 +3,9 @@
 Free of Ray and MLflow: the sweep layer wraps `fit` and reports through ``on_epoch``.
 Data lives on the training device as uint8; each step slices a batch, augments it as whole-
 batch tensor ops, runs the training objective (the attack loop for AT) under bf16 autocast on
-CUDA with channels_last, and takes an SGD step. The optimiser follows the CAT paper: SGD,
-momentum 0.9, weight decay 5e-4, lr 0.1 divided by 10 at 60% and 90% of the epochs.
+CUDA with channels_last, and takes an optimiser step. The defaults follow the CAT paper: SGD,
+momentum 0.9, weight decay 5e-4, lr 0.1 divided by 10 at 60% and 90% of the epochs
+(``train.lr_milestones``; Weng et al.'s reference: epochs 80 and 120).
 """
 
 from __future__ import annotations
@@ -24,10 +25,23 @@ import torch
 from torch import nn
 
 from bdat_ray.backdoors import BACKDOORS, Backdoor, PoisonContext, PoisonedData
-from bdat_ray.config import Component, Config, ConfigError, at_components, from_flat
+from bdat_ray.config import (
+    Component,
+    Config,
+    ConfigError,
+    at_components,
+    from_flat,
+    parse_lr_milestones,
+)
 from bdat_ray.data import ImageData, load_dataset
 from bdat_ray.data.augment import augment, resolve_augment, shuffled_batches, to_float
-from bdat_ray.metrics import attack_success_rate, clean_accuracy, predict, robust_accuracy
+from bdat_ray.metrics import (
+    attack_success_rate,
+    attack_success_rate_by_prediction,
+    clean_accuracy,
+    predict,
+    robust_accuracy,
+)
 from bdat_ray.models import build_model
 from bdat_ray.models.common import batch_statistics_frozen
 from bdat_ray.threats import THREATS, ThreatModel
@@ -35,7 +49,6 @@ from bdat_ray.threats.objective import AdversarialTraining, StandardTraining
 
 log = logging.getLogger(__name__)
 
-LR_DECAY_AT = (0.6, 0.9)  # fractions of the epochs where lr is divided by 10 (CAT paper)
 CHECKPOINT_FILE = "state.pt"
 
 
@@ -185,6 +198,7 @@ def train_auxiliary(overrides: Mapping[str, Any], data: ImageData) -> nn.Module:
 class RunResult:
     acc: float
     asr: float
+    asr_pred: float  # Weng et al.'s count (clean prediction not the target), percent
     robust_acc: float | None
     seconds: float
     epochs: int
@@ -202,7 +216,8 @@ class RunResult:
 
 
 def evaluate(prep: Prepared, model: nn.Module | None = None) -> dict[str, float]:
-    """``acc`` and ``asr`` (percent) of ``model`` (default: the run's) on the test sets."""
+    """``acc``, ``asr`` and ``asr_pred`` (percent) of ``model`` (default: the run's) on the
+    test sets."""
     model = model or prep.model
     p, kw = (
         prep.poisoned,
@@ -212,11 +227,20 @@ def evaluate(prep: Prepared, model: nn.Module | None = None) -> dict[str, float]
             "batch_size": prep.cfg.eval.batch_size,
         },
     )
-    acc = clean_accuracy(predict(model, p.data.x_test, **kw), p.data.y_test)
-    asr = attack_success_rate(
-        predict(model, p.x_test_triggered, **kw), p.y_test_triggered, p.target
-    )
-    return {"acc": acc, "asr": asr}
+    clean = predict(model, p.data.x_test, **kw)
+    triggered = predict(model, p.x_test_triggered, **kw)
+    acc = clean_accuracy(clean, p.data.y_test)
+    asr = attack_success_rate(triggered, p.y_test_triggered, p.target)
+    is_target = p.data.y_test == p.target
+    if p.x_test_triggered_target is None:  # an attack that builds its own PoisonedData
+        asr_pred = float("nan")
+    else:
+        asr_pred = attack_success_rate_by_prediction(
+            torch.cat([triggered, predict(model, p.x_test_triggered_target, **kw)]),
+            torch.cat([clean[~is_target], clean[is_target]]),
+            p.target,
+        )
+    return {"acc": acc, "asr": asr, "asr_pred": asr_pred}
 
 
 def evaluate_robust(prep: Prepared, progress: bool = False) -> float | None:
@@ -254,10 +278,18 @@ EpochCallback = Callable[[dict[str, float], Path | None], None]
 
 def make_optimizer(model: nn.Module, cfg: Config):
     t = cfg.train
-    optimizer = torch.optim.SGD(
-        model.parameters(), lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay
+    if t.optimizer == "adam":
+        optimizer = torch.optim.Adam(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+    else:
+        optimizer = torch.optim.SGD(
+            model.parameters(), lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay
+        )
+    milestones = sorted(
+        {
+            int(m) if m >= 1 else max(1, math.floor(m * t.epochs))
+            for m in parse_lr_milestones(t.lr_milestones)
+        }
     )
-    milestones = sorted({max(1, math.floor(f * t.epochs)) for f in LR_DECAY_AT})
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=0.1)
     return optimizer, scheduler
 
@@ -276,10 +308,14 @@ def train_epoch(
     for idx in shuffled_batches(
         len(data.y_train), prep.cfg.train.batch_size, generators["data"], prep.device
     ):
-        x = to_float(
-            augment(data.x_train[idx], prep.augment_mode, generators["data"]), prep.channels_last
+        # attacks defined per batch (WaNet) poison here, before augmentation; others pass
+        images, y = prep.backdoor.poison_batch(
+            data.x_train[idx], data.y_train[idx], generators["data"]
         )
-        y = data.y_train[idx]
+        x = to_float(
+            augment(images, prep.augment_mode, generators["data"], prep.cfg.train.crop_padding),
+            prep.channels_last,
+        )
         out = objective.batch_loss(model, x, y, generators["attack"], prep.amp_dtype)
         optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
@@ -437,6 +473,7 @@ def fit(
     result = RunResult(
         acc=final["acc"],
         asr=final["asr"],
+        asr_pred=final["asr_pred"],
         robust_acc=robust,
         seconds=time.perf_counter() - started,
         epochs=rcfg.train.epochs,
@@ -453,7 +490,8 @@ def fit(
 
 
 def save_poisoning_artifacts(prep: Prepared, workdir: Path) -> None:
-    """The poisoned (and WaNet noise-mode) indices and a picture of the trigger."""
+    """The poisoned (and WaNet noise-mode) indices and a picture of the trigger (empty for
+    an attack poisoning per batch, which keeps no fixed set; its picture shows what it does)."""
     from bdat_ray.backdoors.pictures import attack_mosaic, panel_title, save_gallery
 
     workdir.mkdir(parents=True, exist_ok=True)
@@ -461,13 +499,15 @@ def save_poisoning_artifacts(prep: Prepared, workdir: Path) -> None:
     np.save(workdir / "poisoned_indices.npy", p.poison_indices.cpu().numpy())
     if len(p.cross_indices):
         np.save(workdir / "cross_indices.npy", p.cross_indices.cpu().numpy())
+    if not len(p.poison_indices):
+        p = prep.backdoor.illustration(prep.clean)
     if len(p.poison_indices):
         title = panel_title(prep.cfg.to_flat(), p, len(prep.clean.y_train))
         save_gallery([(title, attack_mosaic(prep.clean, p))], workdir / "trigger.png")
 
 
 def redraw_poison(prep: Prepared, epoch: int) -> None:
-    """A fresh poisoned training set for attacks defined per epoch (``attack.wanet.redraw``),
+    """A fresh poisoned training set for attacks defined per epoch (WaNet's ``per_epoch``),
     seeded by ``attack.seed`` and the epoch so a resumed run draws the same sets."""
     fresh = prep.backdoor.poison(prep.clean, epoch=epoch)
     data = prep.poisoned.data

@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             cfg = base.replace({"attack.name": name})
             attack = BACKDOORS[name](cfg.attack, context)
-            poisoned = attack.poison(clean)
+            poisoned = attack.illustration(clean)
         except ConfigError as err:
             panels.append((name, f"n/a on {clean.name}: {err}"))
             continue

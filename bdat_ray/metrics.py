@@ -4,6 +4,11 @@
 - ``asr``: attack success rate — of the *triggered* test images whose true label is not the
   target, the share predicted as the target (the seed papers and BackdoorBench both exclude
   target-class images, which would count as successes for free).
+- ``asr_pred``: Weng et al.'s count (their reference ``attack_success_rate``): of ALL test
+  images triggered, those whose *clean* image the model does not already predict as the
+  target, the share predicted as the target. It keeps target-class images the model gets
+  wrong and drops non-target images it already calls the target, so it can differ from
+  ``asr`` (MadryLab's label-consistent code excludes both, by label and by prediction).
 - ``robust_acc``: accuracy under a fixed evaluation attack (PGD-20 L-inf 8/255 by default)
   on the first ``eval.robust_samples`` clean test images.
 """
@@ -58,6 +63,15 @@ def attack_success_rate(predictions: torch.Tensor, true_labels: torch.Tensor, ta
     """Share of triggered images *whose true label is not the target* predicted as target."""
     counted = true_labels != target
     return percent(predictions[counted] == target)
+
+
+def attack_success_rate_by_prediction(
+    triggered_predictions: torch.Tensor, clean_predictions: torch.Tensor, target: int
+) -> float:
+    """Weng et al.'s ASR: predictions on the triggered and on the clean version of the same
+    test images (any label); counted are those whose clean prediction is not the target."""
+    counted = clean_predictions != target
+    return percent(triggered_predictions[counted] == target)
 
 
 def robust_accuracy(

@@ -13,7 +13,8 @@ A spec is data only::
       no AT: {at.threat: none}
       L-inf 8/255: {at.threat: linf, at.eps: 8/255}
 
-Each cell shows ``acc / asr`` (percent) and the mean epoch time; a setting the data cannot
+Each cell shows ``acc / asr`` (percent; ``metrics: [acc, asr, asr_pred]`` in the spec shows
+more, e.g. Weng et al.'s ``asr_pred``) and the mean epoch time; a setting the data cannot
 take (e.g. ``channel`` on grey images) shows ``n/a`` with the reason. Paths in the spec are
 relative to the working directory (run from the repository root).
 """
@@ -33,6 +34,8 @@ from typing import Any
 from bdat_ray.cli import Parser, main_guard
 from bdat_ray.config import ConfigError, flatten, from_flat, leaf, parse_overrides
 
+TABLE_METRICS = ("acc", "asr", "asr_pred", "robust_acc")
+
 
 def load_spec(path: Path) -> dict[str, Any]:
     import yaml
@@ -40,13 +43,16 @@ def load_spec(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError("SPEC", f"no such file: {path}")
     spec = yaml.safe_load(path.read_text()) or {}
-    unknown = set(spec) - {"title", "fixed", "rows", "columns", "notes"}
+    unknown = set(spec) - {"title", "fixed", "rows", "columns", "notes", "metrics"}
     if unknown or not isinstance(spec.get("rows"), dict):
         raise ConfigError(
             str(path), f"needs rows: {{label: overrides}}; unknown sections {sorted(unknown)}"
         )
     spec.setdefault("columns", {"": {}})
     spec.setdefault("fixed", {})
+    spec.setdefault("metrics", ["acc", "asr"])
+    if not set(spec["metrics"]) <= set(TABLE_METRICS):
+        raise ConfigError(f"{path}: metrics", f"must be among {', '.join(TABLE_METRICS)}")
     for label, overrides in [*spec["rows"].items(), *spec["columns"].items()]:
         merged = {**flatten(spec["fixed"]), **flatten(overrides or {})}
         try:  # every key must exist before anything runs
@@ -78,10 +84,11 @@ def run_cell(flat: dict[str, Any], data_cache: dict) -> dict[str, Any]:
     return {**result.to_dict(), "epoch_seconds": sum(epoch_seconds) / len(epoch_seconds)}
 
 
-def cell_text(cell: dict[str, Any]) -> str:
+def cell_text(cell: dict[str, Any], metrics: list[str] = ("acc", "asr")) -> str:
     if "error" in cell:
         return f"n/a ({cell['error'].split(': ', 1)[-1]})"
-    return f"{cell['acc']:.1f} / {cell['asr']:.1f} ({cell['epoch_seconds']:.1f} s)"
+    values = " / ".join(f"{cell[m]:.1f}" for m in metrics)
+    return f"{values} ({cell['epoch_seconds']:.1f} s)"
 
 
 def render(
@@ -91,15 +98,18 @@ def render(
     seconds: float,
     extra: dict[str, Any],
 ) -> str:
-    columns = list(spec["columns"])
-    header = "| | " + " | ".join(c or "acc / asr (s/epoch)" for c in columns) + " |"
+    columns, metrics = list(spec["columns"]), spec["metrics"]
+    names = " / ".join(metrics)
+    header = "| | " + " | ".join(c or f"{names} (s/epoch)" for c in columns) + " |"
     lines = [f"### {spec.get('title', 'Results')}", "", header, "|---" * (len(columns) + 1) + "|"]
     for row in spec["rows"]:
-        lines.append(f"| {row} | " + " | ".join(cell_text(cells[row, c]) for c in columns) + " |")
+        texts = [cell_text(cells[row, c], metrics) for c in columns]
+        lines.append(f"| {row} | " + " | ".join(texts) + " |")
     fixed = ", ".join(f"`{k}={v}`" for k, v in {**flatten(spec["fixed"]), **extra}.items())
     lines += [
         "",
-        "Cells: `acc / asr` in percent (ASR over non-target test images) and the mean epoch "
+        f"Cells: `{names}` in percent (asr over non-target test images; asr_pred over test "
+        "images not predicted as the target when clean, Weng et al.'s count) and the mean epoch "
         f"time in seconds. Fixed for every cell: {fixed or 'the defaults'}.",
         f"Produced by `{command}` on {date.today()} ({platform.processor() or platform.machine()}, "
         f"{_device_name()}) in {seconds / 60:.1f} min.",
@@ -152,7 +162,8 @@ def main(argv: list[str] | None = None) -> int:
             n = i * len(spec["columns"]) + j + 1
             print(f"[{n}/{total}] {row} {col}".rstrip() + " ...", file=sys.stderr, flush=True)
             cells[row, col] = run_cell(flat, data_cache)
-            print(f"    {cell_text(cells[row, col])}", file=sys.stderr, flush=True)
+            text = cell_text(cells[row, col], spec["metrics"])
+            print(f"    {text}", file=sys.stderr, flush=True)
     seconds = time.perf_counter() - started
     out.write_text(render(spec, cells, command, seconds, extra))
     raw = {f"{r} | {c}": cell for (r, c), cell in cells.items()}

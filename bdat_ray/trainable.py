@@ -125,6 +125,7 @@ def run_trial(config: dict[str, Any], settings: TrialSettings, data: Any = None)
         final = {
             "acc": result.acc,
             "asr": result.asr,
+            "asr_pred": result.asr_pred,
             "robust_acc": result.robust_acc,
             "seconds": result.seconds,
             "gpu_seconds": result.seconds * settings.gpus,

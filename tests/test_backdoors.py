@@ -11,6 +11,7 @@ from bdat_ray.backdoors import BACKDOORS, PoisonContext
 from bdat_ray.backdoors.blended import BlendedSection
 from bdat_ray.backdoors.lc import LCSection
 from bdat_ray.backdoors.triggers import CORNERS, PATTERNS, corner_mask
+from bdat_ray.backdoors.wanet import WaNetSection
 from bdat_ray.config import AttackConfig, ConfigError
 from bdat_ray.engine import train_auxiliary
 
@@ -31,6 +32,10 @@ def private_cache(tmp_path_factory):
 
 
 def make_cfg(name: str, label_mode: str | None = None, **kw) -> AttackConfig:
+    """The registry contracts check fixed poisoned sets: WaNet with its fixed scheme (its
+    per-batch default is tested on its own below)."""
+    if name == "wanet":
+        kw.setdefault("wanet", WaNetSection(scheme="fixed"))
     return AttackConfig(name=name, label_mode=label_mode, poison_rate=0.04, lc=FAST_LC, **kw)
 
 
@@ -203,6 +208,29 @@ def test_wanet_cross_samples_keep_labels_and_redraw_changes_sets(digits):
     again = attack.poison(digits, epoch=3)
     assert not torch.equal(first.poison_indices, again.poison_indices)
     assert torch.equal(again.poison_indices, attack.poison(digits, epoch=3).poison_indices)
+
+
+def test_wanet_per_batch_default_poisons_the_head_of_every_batch(digits):
+    """The original WaNet (train.py): per batch, int(bs·pc) images warped and relabelled,
+    int(that·cross_ratio) noise-mode ones keeping labels; the stored training set stays
+    clean and the test trigger is the same warp."""
+    assert AttackConfig().wanet.scheme == "per_batch"
+    cfg = AttackConfig(name="wanet", poison_rate=0.1)
+    attack = BACKDOORS["wanet"](cfg)
+    out = attack.poison(digits)
+    assert len(out.poison_indices) == 0 and torch.equal(out.data.x_train, digits.x_train)
+    x, y = digits.x_train[:128], digits.y_train[:128]
+    xp, yp = attack.poison_batch(x, y, torch.Generator().manual_seed(0))
+    n_bd, n_cross = int(128 * 0.1), int(int(128 * 0.1) * 2)
+    assert (yp[:n_bd] == 2).all() and torch.equal(yp[n_bd:], y[n_bd:])
+    changed = (xp != x).flatten(1).any(1)
+    assert changed[: n_bd + n_cross].float().mean() > 0.9 and not changed[n_bd + n_cross :].any()
+    assert torch.equal(xp[:n_bd], attack.apply(x[:n_bd], torch.Generator(), train=False))
+    again = attack.poison_batch(x, y, torch.Generator().manual_seed(0))[0]
+    assert torch.equal(xp, again)
+    for other in ("badnets", "blended", "sticker"):  # everything else poisons once
+        same = BACKDOORS[other](make_cfg(other)).poison_batch(x, y, torch.Generator())
+        assert same[0] is x and same[1] is y
 
 
 def test_lc_perturbs_within_its_budget_and_is_cached(digits, monkeypatch):

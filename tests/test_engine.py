@@ -112,7 +112,7 @@ def test_divergence_is_reported_as_such():
         fit(from_flat({**FAST, "train.lr": 1e30, "train.epochs": 1}))
 
 
-def test_wanet_redraw_changes_the_training_set_between_epochs(monkeypatch):
+def test_wanet_per_epoch_changes_the_training_set_between_epochs(monkeypatch):
     import bdat_ray.engine as engine
 
     seen = []
@@ -125,7 +125,7 @@ def test_wanet_redraw_changes_the_training_set_between_epochs(monkeypatch):
 
     monkeypatch.setattr(engine, "redraw_poison", spy)
     cfg = from_flat(
-        {**FAST, "train.epochs": 3, "attack.name": "wanet", "attack.wanet.redraw": "true"}
+        {**FAST, "train.epochs": 3, "attack.name": "wanet", "attack.wanet.scheme": "per_epoch"}
     )
     result = fit(cfg)
     assert seen == [(2, True), (3, True)]

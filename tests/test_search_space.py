@@ -281,8 +281,26 @@ def test_shipped_spaces_are_the_ones_the_issue_asks_for():
         "cat_table2",
         "weng_tradeoff",
         "composite_pareto",
+        "cat_table1",
     }
     assert load_space(REPO / "search_spaces" / "composite_pareto.yaml").mode == "optuna"
+
+
+def test_composite_weights_are_searched_only_where_the_mix_reads_them():
+    """mix=max takes the hardest threat per sample and ignores the weights."""
+    import yaml
+
+    space = yaml.safe_load((REPO / "search_spaces" / "composite_pareto.yaml").read_text())
+    weights = {k: v for k, v in space["dimensions"].items() if k.endswith(".weight")}
+    assert weights and all(set(v["when"]["at.mix"]) == {"sum", "random"} for v in weights.values())
+
+
+def test_cat_spaces_use_the_papers_resnet18():
+    import yaml
+
+    for name in ("cat_fig2", "cat_table1", "cat_table2", "composite_pareto"):
+        space = yaml.safe_load((REPO / "search_spaces" / f"{name}.yaml").read_text())
+        assert space["fixed"]["model.name"] == "resnet18", name
 
 
 def test_dry_run_without_arguments_plans_the_quickstart_and_starts_nothing():

@@ -17,6 +17,7 @@ from bdat_ray.backdoors.base import Backdoor, PoisonContext
 from bdat_ray.backdoors.triggers import (
     CORNERS,
     PATTERNS,
+    POSITION_SCHEMES,
     corner_mask,
     draw_corners,
     make_pattern,
@@ -41,16 +42,22 @@ class BadNets(Backdoor):
     def resolved_keys(self) -> dict[str, object]:
         return {**super().resolved_keys(), "attack.trigger_size": self.size}
 
+    def corners(self) -> tuple[str, ...]:
+        """Every place the patch may go."""
+        return CORNERS if self.cfg.position in POSITION_SCHEMES else (self.cfg.position,)
+
     def trigger_region(self, image_shape: tuple[int, int, int]) -> torch.Tensor:
-        corners = CORNERS if self.cfg.position == "random_corner" else (self.cfg.position,)
-        return torch.stack([corner_mask(image_shape, self.size, c) for c in corners]).any(0)
+        offset = self.cfg.trigger_offset
+        masks = [corner_mask(image_shape, self.size, c, offset) for c in self.corners()]
+        return torch.stack(masks).any(0)
 
     def check_data(self, data: ImageData) -> None:
         _, h, w = data.image_shape
-        if self.size > min(h, w):
+        if self.size + self.cfg.trigger_offset > min(h, w):
             raise ConfigError(
                 "attack.trigger_size",
-                f"a {self.size}×{self.size} trigger does not fit {h}×{w} images of {data.name}",
+                f"a {self.size}×{self.size} trigger {self.cfg.trigger_offset} px from the border "
+                f"does not fit {h}×{w} images of {data.name}",
             )
         super().check_data(data)
 
@@ -60,5 +67,5 @@ class BadNets(Backdoor):
         return make_pattern(self.cfg.trigger, self.size, channels, generator)
 
     def apply(self, x: torch.Tensor, generator: torch.Generator, *, train: bool) -> torch.Tensor:
-        corners = draw_corners(len(x), self.cfg.position, generator)
-        return stamp(x, self.pattern(x.shape[1]), corners)
+        corners = draw_corners(len(x), self.cfg.position, generator, train=train)
+        return stamp(x, self.pattern(x.shape[1]), corners, self.cfg.trigger_offset)

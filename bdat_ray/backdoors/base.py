@@ -56,13 +56,18 @@ class PoisonedData:
     target: int
     # images altered without being poisoned (WaNet's noise-mode samples keep true labels)
     cross_indices: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.long))
+    # the triggered TARGET-class test images: with x_test_triggered, every test image
+    # triggered, for Weng et al.'s count (`bdat_ray.metrics.attack_success_rate_by_prediction`)
+    x_test_triggered_target: torch.Tensor | None = None
 
     def to(self, device: torch.device | str) -> PoisonedData:
+        target_class = self.x_test_triggered_target
         return replace(
             self,
             data=self.data.to(device),
             x_test_triggered=self.x_test_triggered.to(device),
             y_test_triggered=self.y_test_triggered.to(device),
+            x_test_triggered_target=target_class.to(device) if target_class is not None else None,
         )
 
 
@@ -155,6 +160,19 @@ class Backdoor:
     #: attacks defined with a fresh poisoned set per epoch override this (WaNet's knob)
     redraws_each_epoch: ClassVar[bool] = False
 
+    def poison_batch(
+        self, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Poison a training batch (uint8 images, labels) as the engine draws it, for attacks
+        defined per batch (WaNet's original scheme). Most attacks poison once in `poison`
+        and return the batch unchanged, drawing nothing from ``generator``."""
+        return x, y
+
+    def illustration(self, data: ImageData) -> PoisonedData:
+        """Poisoned data to picture (gallery, ``trigger.png``): `poison`'s, unless the attack
+        keeps no fixed poisoned set."""
+        return self.poison(data)
+
     def draw_seed(self, epoch: int) -> int:
         """Seed of the poisoned-set draw: ``attack.seed`` at build time (epoch 0), a distinct
         reproducible one per later epoch for attacks that re-draw."""
@@ -171,8 +189,16 @@ class Backdoor:
             y_train[indices] = self.target
         keep = data.y_test != self.target
         x_triggered = self.apply(data.x_test[keep], generator, train=False)
+        x_triggered_target = self.apply(data.x_test[~keep], generator, train=False)
         poisoned = replace(data, x_train=x_train, y_train=y_train)
-        return PoisonedData(poisoned, indices, x_triggered, data.y_test[keep], self.target)
+        return PoisonedData(
+            poisoned,
+            indices,
+            x_triggered,
+            data.y_test[keep],
+            self.target,
+            x_test_triggered_target=x_triggered_target,
+        )
 
 
 class NoBackdoor(Backdoor):

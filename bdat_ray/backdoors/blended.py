@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from bdat_ray.backdoors.base import Backdoor
-from bdat_ray.backdoors.triggers import cartoon_picture, fit_image, to_uint8
+from bdat_ray.backdoors.triggers import cartoon_picture, fit_image, load_picture, to_uint8
 from bdat_ray.options import ConfigError, option
 
 if TYPE_CHECKING:
@@ -72,14 +72,7 @@ class Blended(Backdoor):
         if b.trigger == "noise":
             generator = torch.Generator().manual_seed(self.cfg.seed)
             return torch.rand(channels, height, width, generator=generator)
-        if b.trigger == "file":
-            import numpy as np
-            from PIL import Image
-
-            rgb = np.asarray(Image.open(Path(b.file).expanduser()).convert("RGB"))
-            picture = torch.from_numpy(rgb.copy()).permute(2, 0, 1).float() / 255
-        else:
-            picture = cartoon_picture()
+        picture = load_picture(b.file) if b.trigger == "file" else cartoon_picture()
         return fit_image(picture, channels, height, width)
 
     def apply(self, x: torch.Tensor, generator: torch.Generator, *, train: bool) -> torch.Tensor:

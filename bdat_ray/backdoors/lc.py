@@ -1,12 +1,16 @@
 """Label-consistent backdoor (Turner et al. 2019): clean-label; the poisoned target-class
 images are first made hard to classify with a PGD perturbation from a separately trained
-surrogate model, then get a 3×3 checkerboard in all four corners, so the model leans on the
-trigger to fit them.
+surrogate model, then get Turner et al.'s 3×3 pattern in all four corners, so the model
+leans on the trigger to fit them.
 
 - ``attack.poison_rate``: fraction of the whole training set, drawn from the target class
   (CAT paper: 0.5% in §3, 1% in §4); labels never change.
-- Perturbation: L-inf (or L2) PGD, ``attack.lc.eps`` = 16/255, ``attack.lc.steps`` = 10,
-  maximising the surrogate's loss on the true label.
+- Perturbation, as BackdoorBench / BackdoorBox craft it: L-inf (or L2) PGD at
+  ``attack.lc.eps`` = 8/255, ``attack.lc.steps`` = 100 steps of ``attack.lc.step_size`` =
+  1.5/255 from no random start, maximising the surrogate's loss on the true label.
+- Trigger (``MadryLab/label-consistent-backdoor-code:poison_attack.py``, ``all-corners``):
+  ``[[1,0,0],[0,1,0],[1,0,1]]`` (1 white, 0 black) in the left corners, mirrored left-right
+  in the right ones, so a horizontal flip keeps it.
 - Surrogate: trained by the platform itself with the run's architecture and device (no
   downloaded ``.npy``) — ``attack.lc.surrogate_epochs`` epochs, adversarially with L-inf at
   ``attack.lc.eps`` (``attack.lc.surrogate_at=linf``; Turner et al. use robust models) or
@@ -14,7 +18,9 @@ trigger to fit them.
   architecture, surrogate and perturbation settings and ``attack.seed``
   (`bdat_ray.cache`), so a sweep trains one surrogate per dataset and seed, not per trial.
 - Trigger amplitude: ``attack.lc.amplitude`` on training images (1 = full black/white; Turner
-  et al. also reduce it, e.g. 32/255), ``attack.lc.amplitude_test`` on test images (1).
+  et al. also reduce it, e.g. 32/255: pixels move by ±amplitude, MadryLab's
+  ``reduced_amplitude``), ``attack.lc.amplitude_test`` on test images — by default the same,
+  as MadryLab's code applies the reduced amplitude to the test trigger too.
 """
 
 from __future__ import annotations
@@ -25,25 +31,39 @@ from dataclasses import dataclass
 import torch
 
 from bdat_ray.backdoors.base import Backdoor
-from bdat_ray.backdoors.triggers import CORNERS, corner_mask, four_corners, make_pattern
+from bdat_ray.backdoors.triggers import CORNERS, corner_mask, four_corners
 from bdat_ray.cache import cached_tensors, content_key
 from bdat_ray.data.dataset import ImageData
 from bdat_ray.options import ConfigError, above, at_least, option, within
 
 log = logging.getLogger(__name__)
 TRIGGER_SIZE = 3
+#: Turner et al.'s top-left pattern (MadryLab ``all-corners``: 1 → white, -1 → black)
+TURNER_PATTERN = ((1, 0, 0), (0, 1, 0), (1, 0, 1))
 
 
 @dataclass(frozen=True)
 class LCSection:
     eps: float = option(
-        16 / 255,
-        "PGD budget of the surrogate's adversarial perturbation (Turner et al. 2019)",
+        8 / 255,
+        "PGD budget of the surrogate's adversarial perturbation (BackdoorBench/BackdoorBox; "
+        "Turner et al. also use 16/255)",
         unit="pixel units",
         check=above(0),
     )
     norm: str = option("linf", "norm of the adversarial perturbation", choices=("linf", "l2"))
-    steps: int = option(10, "PGD steps of the perturbation", check=at_least(1))
+    steps: int = option(
+        100, "PGD steps of the perturbation (BackdoorBench/BackdoorBox)", check=at_least(1)
+    )
+    step_size: float = option(
+        1.5 / 255,
+        "PGD step of the perturbation (BackdoorBench/BackdoorBox)",
+        unit="pixel units",
+        check=above(0),
+    )
+    random_start: bool = option(
+        False, "start the perturbation at a random point of the ball (BackdoorBench: no)"
+    )
     amplitude: float = option(
         1.0,
         "trigger amplitude on poisoned training images: pixels move by ±amplitude toward "
@@ -51,16 +71,20 @@ class LCSection:
         unit="pixel units",
         check=within(0, 1),
     )
-    amplitude_test: float = option(
-        1.0, "trigger amplitude on test images", unit="pixel units", check=within(0, 1)
+    amplitude_test: float | None = option(
+        None,
+        "trigger amplitude on test images; default attack.lc.amplitude (MadryLab's code "
+        "applies the reduced amplitude at test time too)",
+        unit="pixel units",
+        check=within(0, 1),
     )
     surrogate_epochs: int = option(
         10, "epochs of the surrogate model the platform trains itself", check=at_least(1)
     )
     surrogate_at: str = option(
         "linf",
-        "surrogate training: linf = adversarially trained at attack.lc.eps/2 (Turner et al. "
-        "perturb with robust models), none = standard training",
+        "surrogate training: linf = adversarially trained with L-inf at attack.lc.eps (Turner "
+        "et al. perturb with robust models), none = standard training",
         choices=("linf", "none"),
     )
 
@@ -84,12 +108,19 @@ class LabelConsistent(Backdoor):
         return torch.stack(masks).any(0)
 
     def _pattern(self, channels: int) -> torch.Tensor:
-        return make_pattern("checkerboard3", TRIGGER_SIZE, channels, torch.Generator())
+        """The top-left uint8 patch; `four_corners` mirrors it into the right corners."""
+        board = torch.tensor(TURNER_PATTERN, dtype=torch.uint8) * 255
+        return board.expand(channels, TRIGGER_SIZE, TRIGGER_SIZE).clone()
+
+    def _amplitude(self, *, train: bool) -> float:
+        lc = self.cfg.lc
+        return lc.amplitude if train or lc.amplitude_test is None else lc.amplitude_test
+
+    def resolved_keys(self) -> dict[str, object]:
+        return {**super().resolved_keys(), "attack.lc.amplitude_test": self._amplitude(train=False)}
 
     def apply(self, x: torch.Tensor, generator: torch.Generator, *, train: bool) -> torch.Tensor:
-        lc = self.cfg.lc
-        amplitude = lc.amplitude if train else lc.amplitude_test
-        return four_corners(x, self._pattern(x.shape[1]), amplitude)
+        return four_corners(x, self._pattern(x.shape[1]), self._amplitude(train=train))
 
     def apply_train(
         self, data: ImageData, indices: torch.Tensor, generator: torch.Generator
@@ -108,6 +139,8 @@ class LabelConsistent(Backdoor):
             "eps": lc.eps,
             "norm": lc.norm,
             "steps": lc.steps,
+            "step_size": lc.step_size,
+            "random_start": lc.random_start,
             "surrogate_epochs": lc.surrogate_epochs,
             "surrogate_at": lc.surrogate_at,
             "seed": self.cfg.seed,
@@ -136,7 +169,7 @@ class LabelConsistent(Backdoor):
             data,
         )
         device = next(surrogate.parameters()).device
-        threat = THREATS[lc.norm](lc.eps, lc.steps, None, random_start=True)
+        threat = THREATS[lc.norm](lc.eps, lc.steps, lc.step_size, random_start=lc.random_start)
         indices = (data.y_train == self.target).nonzero().flatten()
         generator = torch.Generator(device).manual_seed(self.cfg.seed)
         out = []

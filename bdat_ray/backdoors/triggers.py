@@ -10,6 +10,10 @@ from collections.abc import Callable
 import torch
 
 CORNERS = ("bottom_right", "bottom_left", "top_right", "top_left")
+#: placements that are not one fixed corner: a random corner per image for train and test, or
+#: Weng et al.'s Table 8 reference scheme — a quarter of the training poisons at each corner,
+#: the test trigger at the fixed bottom-right
+POSITION_SCHEMES = ("random_corner", "quarter_corners")
 
 
 def checkerboard(size: int, channels: int, generator: torch.Generator) -> torch.Tensor:
@@ -25,9 +29,16 @@ def random_patch(size: int, channels: int, generator: torch.Generator) -> torch.
     return torch.randint(0, 256, (channels, size, size), generator=generator, dtype=torch.uint8)
 
 
+def white_square(size: int, channels: int, generator: torch.Generator) -> torch.Tensor:
+    """All white: Weng et al.'s MNIST sticker (``xs[:, 25:, 25:] = 1`` in their
+    ``mnist/mnist_exp_local_trigger_50_adversarial.py``)."""
+    return torch.full((channels, size, size), 255, dtype=torch.uint8)
+
+
 # name -> (pattern function, native side length)
 PATTERNS: dict[str, tuple[Callable[[int, int, torch.Generator], torch.Tensor], int]] = {
-    "checkerboard3": (checkerboard, 3),
+    "checkerboard3": (checkerboard, 3),  # = Weng et al.'s CIFAR sticker [[1,0,1],[0,1,0],[1,0,1]]
+    "white3": (white_square, 3),
     "checkerboard2": (checkerboard, 2),
     "random2": (random_patch, 2),
 }
@@ -40,54 +51,72 @@ def make_pattern(
     return fn(size or native, channels, generator)
 
 
-def corner_origin(corner: str, image_hw: tuple[int, int], size: int) -> tuple[int, int]:
-    """Top-left (row, col) of a ``size``×``size`` patch flush with ``corner``."""
+def corner_origin(
+    corner: str, image_hw: tuple[int, int], size: int, offset: int = 0
+) -> tuple[int, int]:
+    """Top-left (row, col) of a ``size``×``size`` patch ``offset`` px in from ``corner``
+    (0 = flush; Weng et al.'s CIFAR reference: 2, i.e. ``27:30`` on 32×32). ``centre``
+    places it in the middle (their channel trigger's ``15:18``)."""
     h, w = image_hw
-    row = h - size if corner.startswith("bottom") else 0
-    col = w - size if corner.endswith("right") else 0
+    if corner == "centre":
+        return (h - size + 1) // 2, (w - size + 1) // 2
+    row = h - size - offset if corner.startswith("bottom") else offset
+    col = w - size - offset if corner.endswith("right") else offset
     return row, col
 
 
-def draw_corners(n: int, position: str, generator: torch.Generator) -> list[str]:
-    """One corner per image: the fixed one, or uniformly random ones (``random_corner``)."""
+def draw_corners(
+    n: int, position: str, generator: torch.Generator, *, train: bool = True
+) -> list[str]:
+    """One corner per image: the fixed one, uniformly random ones (``random_corner``), or
+    ``quarter_corners``: training images cycle through the four corners (a quarter each, the
+    images themselves being a random draw), test images get the bottom-right."""
+    if position == "quarter_corners":
+        return [CORNERS[i % len(CORNERS)] for i in range(n)] if train else ["bottom_right"] * n
     if position != "random_corner":
         return [position] * n
     picks = torch.randint(0, len(CORNERS), (n,), generator=generator)
     return [CORNERS[i] for i in picks.tolist()]
 
 
-def stamp(x: torch.Tensor, patch: torch.Tensor, corners: list[str]) -> torch.Tensor:
-    """Copy of uint8 batch ``x`` with ``patch`` written at each image's corner (one indexed
-    write per distinct corner, not per image)."""
+def stamp(
+    x: torch.Tensor, patch: torch.Tensor, corners: list[str], offset: int = 0
+) -> torch.Tensor:
+    """Copy of uint8 batch ``x`` with ``patch`` written at each image's corner, ``offset`` px
+    in from the border (one indexed write per distinct corner, not per image)."""
     out = x.clone()
     k = patch.shape[-1]
     for corner in set(corners):
         rows = torch.tensor([i for i, c in enumerate(corners) if c == corner], dtype=torch.long)
-        r, c = corner_origin(corner, tuple(x.shape[-2:]), k)
+        r, c = corner_origin(corner, tuple(x.shape[-2:]), k, offset)
         out[rows, :, r : r + k, c : c + k] = patch.to(out.device)
     return out
 
 
-def corner_mask(image_shape: tuple[int, int, int], size: int, corner: str) -> torch.Tensor:
+def corner_mask(
+    image_shape: tuple[int, int, int], size: int, corner: str, offset: int = 0
+) -> torch.Tensor:
     """Bool (C, H, W) mask of the trigger region (tests and the gallery use it)."""
     c, h, w = image_shape
     mask = torch.zeros(c, h, w, dtype=torch.bool)
-    r, col = corner_origin(corner, (h, w), size)
+    r, col = corner_origin(corner, (h, w), size, offset)
     mask[:, r : r + size, col : col + size] = True
     return mask
 
 
 def four_corners(x: torch.Tensor, patch: torch.Tensor, amplitude: float) -> torch.Tensor:
-    """Label-consistent attack's trigger (Turner et al. 2019): the patch in all four corners,
-    each pixel pushed ±``amplitude`` (pixel units) toward the patch's white/black and clipped;
-    amplitude 1 replaces the pixels outright."""
+    """Label-consistent attack's trigger (Turner et al. 2019): the patch in all four corners —
+    as given in the left ones, mirrored left-right in the right ones (MadryLab's
+    ``all-corners`` mask) — each pixel pushed ±``amplitude`` (pixel units) toward the patch's
+    white/black and clipped; amplitude 1 replaces the pixels outright."""
     out = x.float() / 255
     sign = patch.float().to(x.device) / 255 * 2 - 1  # +1 white, -1 black
     k = patch.shape[-1]
     for corner in CORNERS:
         r, c = corner_origin(corner, tuple(x.shape[-2:]), k)
         region = out[:, :, r : r + k, c : c + k]
-        out[:, :, r : r + k, c : c + k] = (region + amplitude * sign).clamp(0, 1)
+        mirrored = sign.flip(-1) if corner.endswith("right") else sign
+        out[:, :, r : r + k, c : c + k] = (region + amplitude * mirrored).clamp(0, 1)
     return to_uint8(out)
 
 
@@ -108,6 +137,17 @@ def fit_image(picture: torch.Tensor, channels: int, height: int, width: int) -> 
         weights = torch.tensor([0.299, 0.587, 0.114]).view(3, 1, 1)
         return (resized * weights).sum(0, keepdim=True)
     return resized
+
+
+def load_picture(path: str) -> torch.Tensor:
+    """An image file as a float (3, h, w) picture in [0, 1]."""
+    from pathlib import Path
+
+    import numpy as np
+    from PIL import Image
+
+    rgb = np.asarray(Image.open(Path(path).expanduser()).convert("RGB"))
+    return torch.from_numpy(rgb.copy()).permute(2, 0, 1).float() / 255
 
 
 def cartoon_picture(size: int = 64) -> torch.Tensor:

@@ -10,10 +10,16 @@ Noise mode: ``attack.wanet.cross_ratio`` (2) × the poisoned count of other trai
 warped with the same field plus per-image random noise and *keep their true labels*, so the
 model learns that only the exact warp means "target" (they are the run's ``cross_indices``).
 
-Fixed or re-drawn: the original trains with a fresh random poisoned/noise batch share every
-step. Here the poisoned and noise sets are drawn once from ``attack.seed`` and saved with the
-run like every other attack's; ``attack.wanet.redraw=true`` draws new ones every epoch
-(seeded by ``attack.seed`` and the epoch), closer to the original."""
+When (``attack.wanet.scheme``): ``per_batch`` (default) as the original and BackdoorBench
+(``VinAIResearch/Warping-based_Backdoor_Attack-release:train.py``): the training set stays
+clean, and in every batch the first ⌊``poison_rate``·batch⌋ images of the shuffled order —
+any label — are warped and relabelled, the next ⌊``cross_ratio``·that⌋ get the noise-mode
+warp, before augmentation. The engine calls `WaNet.poison_batch` with its seeded data
+generator, so a run (and a resumed run) poisons the same images; no fixed index set exists,
+so ``poisoned_indices.npy`` is empty and the run's trigger picture shows the fixed scheme's
+first images. ``fixed``: the poisoned and noise sets are drawn once from ``attack.seed`` and
+saved with the run, like every other attack's (BackdoorBox); ``per_epoch``: fresh fixed sets
+every epoch, seeded by ``attack.seed`` and the epoch."""
 
 from __future__ import annotations
 
@@ -41,10 +47,12 @@ class WaNetSection:
         "keeping their true labels",
         check=at_least(0),
     )
-    redraw: bool = option(
-        False,
-        "draw a fresh poisoned and cross set every epoch (the original WaNet poisons per "
-        "batch); false keeps the set fixed at build time like every other attack",
+    scheme: str = option(
+        "per_batch",
+        "per_batch: a share of every batch is warped+relabelled and a share gets noise mode "
+        "(the original WaNet and BackdoorBench); fixed: sets drawn once at build time and "
+        "saved (BackdoorBox); per_epoch: fresh fixed sets every epoch",
+        choices=("per_batch", "fixed", "per_epoch"),
     )
 
 
@@ -56,7 +64,11 @@ class WaNet(Backdoor):
 
     @property
     def redraws_each_epoch(self) -> bool:  # type: ignore[override]
-        return self.cfg.wanet.redraw
+        return self.cfg.wanet.scheme == "per_epoch"
+
+    @property
+    def per_batch(self) -> bool:
+        return self.cfg.wanet.scheme == "per_batch"
 
     def warp_grid(self, height: int, width: int) -> torch.Tensor:
         """The backdoor's sampling grid (1, H, W, 2), a function of ``attack.seed`` only."""
@@ -83,9 +95,36 @@ class WaNet(Backdoor):
     def apply_cross(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """Noise mode: the backdoor warp plus per-image random noise of up to one pixel."""
         n, _, h, w = x.shape
-        grid = self.warp_grid(h, w).expand(n, -1, -1, -1)
-        noise = torch.rand(n, h, w, 2, generator=generator) * 2 - 1
-        return self._warp(x, (grid + noise / h).clamp(-1, 1))
+        grid = self.warp_grid(h, w).expand(n, -1, -1, -1).to(x.device)
+        noise = torch.rand(n, h, w, 2, generator=generator, device=generator.device) * 2 - 1
+        return self._warp(x, (grid + noise.to(x.device) / h).clamp(-1, 1))
+
+    def poison_batch(
+        self, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The original's per-batch poisoning (its ``train``: ``num_bd = int(bs · pc)``,
+        ``num_cross = int(num_bd · cross_ratio)``, on the head of the shuffled batch)."""
+        if not self.per_batch:
+            return x, y
+        n_bd = int(len(y) * self.cfg.poison_rate)
+        n_cross = min(int(n_bd * self.cfg.wanet.cross_ratio), len(y) - n_bd)
+        x, y = x.clone(), y.clone()
+        if n_bd:
+            x[:n_bd] = self.apply(x[:n_bd], generator, train=True)
+            y[:n_bd] = self.target
+        if n_cross:
+            x[n_bd : n_bd + n_cross] = self.apply_cross(x[n_bd : n_bd + n_cross], generator)
+        return x, y
+
+    def poison_count(self, data: ImageData) -> int:
+        return 0 if self.per_batch else super().poison_count(data)
+
+    def illustration(self, data: ImageData) -> PoisonedData:
+        """Per-batch poisoning keeps no fixed set: picture the fixed scheme's instead."""
+        if not self.per_batch:
+            return self.poison(data)
+        fixed = replace(self.cfg, wanet=replace(self.cfg.wanet, scheme="fixed"))
+        return WaNet(fixed, self.context).poison(data)
 
     def poison(self, data: ImageData, epoch: int = 0) -> PoisonedData:
         poisoned = super().poison(data, epoch)

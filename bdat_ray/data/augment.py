@@ -9,18 +9,24 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 
-CROP_PADDING = 4  # pixels of zero padding before the random crop (CAT paper, standard CIFAR)
+CROP_PADDING = 4  # default of train.crop_padding (CAT paper, standard CIFAR; Weng et al.: 2)
 
 
 def random_crop(x: torch.Tensor, padding: int, generator: torch.Generator) -> torch.Tensor:
     """Zero-pad by ``padding`` and crop back to the input size at a random offset per image.
 
     One gather for the whole batch: row/column index grids shifted per image."""
+    offsets = torch.randint(
+        0, 2 * padding + 1, (2, x.shape[0]), generator=generator, device=generator.device
+    ).to(x.device)
+    return crop(x, padding, offsets)
+
+
+def crop(x: torch.Tensor, padding: int, offsets: torch.Tensor) -> torch.Tensor:
+    """Zero-pad by ``padding`` and crop each image back to size at its (row, col) offset
+    (``offsets``: (2, N) in [0, 2·padding])."""
     n, c, h, w = x.shape
     padded = F.pad(x, (padding,) * 4)
-    offsets = torch.randint(
-        0, 2 * padding + 1, (2, n), generator=generator, device=generator.device
-    ).to(x.device)
     rows = (offsets[0, :, None] + torch.arange(h, device=x.device))[:, None, :, None]
     cols = (offsets[1, :, None] + torch.arange(w, device=x.device))[:, None, None, :]
     batch = torch.arange(n, device=x.device)[:, None, None, None]
@@ -34,10 +40,13 @@ def random_flip(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return torch.where(flip.to(x.device)[:, None, None, None], x.flip(3), x)
 
 
-def augment(x: torch.Tensor, mode: str, generator: torch.Generator) -> torch.Tensor:
-    """``mode``: none | crop | crop_flip (resolved from ``train.augment``)."""
-    if mode in ("crop", "crop_flip"):
-        x = random_crop(x, CROP_PADDING, generator)
+def augment(
+    x: torch.Tensor, mode: str, generator: torch.Generator, padding: int = CROP_PADDING
+) -> torch.Tensor:
+    """``mode``: none | crop | crop_flip (resolved from ``train.augment``); ``padding``: px of
+    zero padding before the crop (``train.crop_padding``)."""
+    if mode in ("crop", "crop_flip") and padding:
+        x = random_crop(x, padding, generator)
     if mode == "crop_flip":
         x = random_flip(x, generator)
     return x

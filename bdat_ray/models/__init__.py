@@ -6,10 +6,14 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from bdat_ray.models.common import FeatureClassifier
+from bdat_ray.models.madry_resnet import MadryResNet
+from bdat_ray.models.mnist_cnn import MadryMnistCNN
 from bdat_ray.models.resnets import preact_resnet18, resnet18, resnet32
 from bdat_ray.models.small_cnn import SmallCNN
 
 MODELS: dict[str, Callable[..., FeatureClassifier]] = {
+    "madry_mnist_cnn": MadryMnistCNN,
+    "madry_resnet32": MadryResNet,  # Weng et al.'s CIFAR-10 reference model
     "preact_resnet18": preact_resnet18,
     "resnet18": resnet18,
     "resnet32": resnet32,

@@ -4,13 +4,19 @@ controls, each component of a composite — is searched by `perturb`; no second 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from bdat_ray.models.common import batch_statistics_frozen
 from bdat_ray.threats.base import ThreatModel
+
+#: BatchNorm during the attack: eval = running statistics (never updated); train = batch
+#: statistics, updating the running ones at every attack step; batch = batch statistics,
+#: running ones untouched (Weng et al.'s reference crafts PGD on the training graph without
+#: running its update ops)
+BN_MODES = ("eval", "train", "batch")
 
 
 @contextmanager
@@ -23,11 +29,12 @@ def attack_mode(model: nn.Module, bn_mode: str) -> Iterator[None]:
     was_training = model.training
     params = list(model.parameters())
     flags = [p.requires_grad for p in params]
-    model.train(bn_mode == "train")
+    model.train(bn_mode != "eval")
     for p in params:
         p.requires_grad_(False)
     try:
-        yield
+        with batch_statistics_frozen(model) if bn_mode == "batch" else nullcontext():
+            yield
     finally:
         for p, flag in zip(params, flags, strict=True):
             p.requires_grad_(flag)
@@ -44,9 +51,10 @@ def perturb(
     bn_mode: str = "eval",
     amp_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """Search ``threat`` around ``x`` for inputs that maximise the cross-entropy on ``y``.
+    """Search ``threat`` around ``x`` for inputs that maximise the loss on ``y``.
 
-    Maximises ``CE(f(x'), y) - threat.penalty(...)`` per sample with ``threat.steps`` ascent
+    Maximises ``threat.attack_loss(f(x'), y) - threat.penalty(...)`` (cross-entropy unless the
+    threat's reference attack uses the margin loss) per sample with ``threat.steps`` ascent
     steps from ``threat.init``, projecting after each step, then ``threat.finalize``. Threat
     models that do not maximise (random controls) return their random draw. Returns a
     detached batch in [0, 1].
@@ -64,7 +72,7 @@ def perturb(
                 x_adv = threat.apply(x, delta)
                 with autocast:
                     logits = threat.logits(model, x_adv, memory)
-                objective = F.cross_entropy(logits.float(), y, reduction="none")
+                objective = threat.attack_loss(logits.float(), y)
                 objective = objective - threat.penalty(x, x_adv, delta, memory)
                 (grad,) = torch.autograd.grad(objective.sum(), delta)
                 delta = threat.project(x, threat.ascend(x, delta.detach(), grad, memory))

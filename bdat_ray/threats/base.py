@@ -14,8 +14,25 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 
 from bdat_ray.options import above, at_least, option
+
+
+def margin_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Per-sample Carlini-Wagner margin with κ = ∞: the best other logit minus the true one
+    (perceptual-advex's ``MarginLoss(kappa=inf)``, which its StAdv and Fast-LPA maximise)."""
+    true = logits.gather(1, y[:, None]).squeeze(1)
+    others = logits.scatter(1, y[:, None], float("-inf"))
+    return others.amax(1) - true
+
+
+def cross_entropy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits, y, reduction="none")
+
+
+#: the classification losses an attack may maximise (``at.<threat>.loss`` where offered)
+ATTACK_LOSSES = {"ce": cross_entropy, "margin": margin_loss}
 
 
 def budget_section(name: str, budget: str, paper_default: str, extra: str = "") -> type:
@@ -59,6 +76,9 @@ class ThreatModel:
     default_eps: ClassVar[float]
     #: False for the random-perturbation controls: no gradient steps at all
     maximizes: ClassVar[bool] = True
+    #: the classification loss the attack maximises (a name of `ATTACK_LOSSES`); threat
+    #: models whose reference attack uses another one offer ``at.<name>.loss``
+    loss: str = "ce"
 
     def __init__(
         self,
@@ -119,6 +139,15 @@ class ThreatModel:
         raise NotImplementedError
 
     # -- optional ----------------------------------------------------------------------------
+
+    @property
+    def starts_random(self) -> bool:
+        """Whether `init` draws from the generator (spatial starts at the identity instead)."""
+        return self.random_start
+
+    def attack_loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Per-sample classification loss the attack loop maximises."""
+        return ATTACK_LOSSES[self.loss](logits, y)
 
     def logits(self, model: Any, x_adv: torch.Tensor, memory: dict[str, Any]) -> torch.Tensor:
         """The model's logits on ``x_adv`` (perceptual threats keep the features of the same

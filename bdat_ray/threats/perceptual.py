@@ -15,9 +15,15 @@ Fast-LPA: from a N(0, 0.01²) start, each of T steps maximises CE − λ_t·ReLU
 normalised-gradient step whose pixel length is chosen (by a finite difference along the
 gradient, h = 0.1) to move d by step_t, where step_t = ``step_size``·0.1^(t/T) decays and
 λ_t = ``lagrange``·``lagrange_growth``^-(1 − t/T) rises to ``at.perceptual.lagrange``.
-Fast-LPA's constraint is soft, so the result is then pulled back inside the bound by
-bisection on the segment [x, x'] (``projection_steps``, Laidlaw et al.'s bisection
-projection; 0 disables it). Budget range in the CAT paper: 0.1–0.5 (default 0.5, step = ε).
+The loss maximised is the margin loss (κ = ∞, ``at.perceptual.loss``), and the result is
+*not* projected (``at.perceptual.projection=none``): that is how perceptual-advex trains with
+Fast-LPA (``cassidylaidlaw/perceptual-advex:perceptual_advex/perceptual_attacks.py``,
+``FastLagrangePerceptualAttack(projection='none', kappa=inf)``), the Lagrangian relaxation the
+CAT paper names, so the LPIPS bound is soft during training. ``projection=bisection`` pulls
+the result back inside the bound by bisection on the segment [x, x'] (``projection_steps``,
+Laidlaw et al.'s ``BisectionPerceptualProjection``), which evaluation may want; measured at
+ε 0.1 it makes the training attack far weaker. Budget range in the CAT paper: 0.1–0.5
+(default 0.5, step = ε).
 """
 
 from __future__ import annotations
@@ -53,8 +59,19 @@ class PerceptualSection(budget_section("perceptual", "LPIPS distance", "0.5")):
         "λ rises by this factor over the attack's steps (starts at lagrange/growth)",
         check=at_least(1),
     )
+    projection: str = option(
+        "none",
+        "after the last step: none = the soft Lagrangian bound, as perceptual-advex trains "
+        "with Fast-LPA; bisection = pull an out-of-bound result back inside (for evaluation)",
+        choices=("none", "bisection"),
+    )
     projection_steps: int = option(
-        10, "bisection steps that pull an out-of-bound result back inside", check=at_least(0)
+        10, "bisection steps of at.perceptual.projection=bisection", check=at_least(1)
+    )
+    loss: str = option(
+        "margin",
+        "classification loss maximised: margin (κ = ∞, Fast-LPA as perceptual-advex trains) or ce",
+        choices=("margin", "ce"),
     )
 
 
@@ -112,14 +129,18 @@ class PerceptualLPA(PixelOffset):
         network: str = "self",
         lagrange: float = 10.0,
         lagrange_growth: float = 10.0,
+        projection: str = "none",
         projection_steps: int = 10,
+        loss: str = "margin",
         **budget_options: Any,
     ):
         super().__init__(*budget, **budget_options)
         self.network = network
         self.lagrange = lagrange
         self.lagrange_growth = lagrange_growth
+        self.projection = projection
         self.projection_steps = projection_steps
+        self.loss = loss
         self.imagenet = ImageNetFeatures(network) if network != "self" else None
 
     def default_step_size(self) -> float:
@@ -132,7 +153,9 @@ class PerceptualLPA(PixelOffset):
             "network": section.network,
             "lagrange": section.lagrange,
             "lagrange_growth": section.lagrange_growth,
+            "projection": section.projection,
             "projection_steps": section.projection_steps,
+            "loss": section.loss,
         }
 
     # -- distance ----------------------------------------------------------------------------
@@ -195,7 +218,7 @@ class PerceptualLPA(PixelOffset):
     ) -> torch.Tensor:
         """Bisection on the segment [x, x + δ] for the samples outside the bound: the largest
         tried fraction of δ whose distance is within it (the zero fraction always is)."""
-        if self.projection_steps == 0:
+        if self.projection == "none":
             return delta
         model = memory["model"]
         clean = self._clean_features(model, x, memory)
@@ -219,6 +242,8 @@ class PerceptualLPA(PixelOffset):
         return projected
 
     def contains(self, x, x_adv, atol: float = 1e-5, model=None) -> torch.Tensor:
+        """Inside the hard bound. Unprojected Fast-LPA (the training default) may end outside
+        it: its bound is a Lagrangian penalty."""
         if model is None and self.imagenet is None:
             raise ValueError("the self-bounded perceptual distance needs the model")
         return (self.distance(model, x, x_adv) <= self.eps + atol) & in_unit_box(x_adv, atol)

@@ -49,6 +49,10 @@ class RandomFlow(SpatialFlow):
     def knobs(cls, section) -> dict[str, Any]:
         return {}  # no search, so none of spatial's smoothness or optimiser knobs
 
+    @property
+    def starts_random(self) -> bool:
+        return True  # the random draw is the whole perturbation
+
     def init(self, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         shape = torch.Size((x.shape[0], 2, *x.shape[-2:]))
         return self.eps * uniform(shape, generator, x.device)

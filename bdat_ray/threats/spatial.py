@@ -5,9 +5,15 @@ replaces stAdv's L-BFGS with gradient steps so it runs on GPUs).
 Unit of the budget: the flow lives in ``grid_sample``'s normalised coordinates, where the
 image spans [-1, 1] in each direction, so a bound ``eps`` lets a pixel move by at most
 ``eps·(W-1)/2`` pixels horizontally and ``eps·(H-1)/2`` vertically (0.025 on 32×32 images:
-0.39 px). The CAT paper sweeps 0.025–0.1 and uses 0.025 in CAT. ``at.spatial.tau`` weights
-stAdv's flow-smoothness loss, subtracted from the inner objective; ``at.spatial.optimizer``
-picks gradient-sign or Adam steps.
+0.39 px). The CAT paper sweeps 0.025–0.1 and uses 0.025 in CAT.
+
+Inner objective (CAT §2.1: "a sum of a classification loss and a spatial movement loss"), as
+perceptual-advex's ``StAdvAttack`` trains it (``cassidylaidlaw/perceptual-advex:
+perceptual_advex/attacks.py``, on mister_ed's ``FullSpatial``/``PGD``): the margin loss
+(κ = ∞) minus ``τ·L_flow`` with τ = 0.0025/ε (``at.spatial.tau``, unset = that rule; 0 = no
+movement loss), Adam steps of lr 0.01 (``at.spatial.optimizer``, ``at.spatial.step_size``)
+from the identity flow (``at.spatial.start``), projected onto the L-inf bound after each step.
+Gradient-sign steps (step 2.5·ε/steps), a random start and cross-entropy stay options.
 """
 
 from __future__ import annotations
@@ -22,18 +28,37 @@ import torch.nn.functional as F
 from bdat_ray.options import at_least, option
 from bdat_ray.threats.base import ThreatModel, budget_section, in_unit_box, uniform
 
+#: perceptual-advex StAdvAttack: ``perturbation_norm_loss=0.0025 / bound`` and Adam lr 0.01
+FLOW_LOSS_PER_BOUND = 0.0025
+ADAM_LR = 0.01  # normalised grid units per step
+
 
 @dataclass(frozen=True)
 class SpatialSection(
     budget_section("spatial", "normalised grid units, L-inf", "0.025 (CAT paper)")
 ):
-    tau: float = option(
-        0.0,
-        "weight of stAdv's flow-smoothness penalty subtracted from the inner objective",
+    tau: float | None = option(
+        None,
+        "weight τ of stAdv's flow loss subtracted from the inner objective; default 0.0025/ε "
+        "(perceptual-advex StAdvAttack); 0 = no spatial movement loss",
         check=at_least(0),
     )
     optimizer: str = option(
-        "sign", "flow update: gradient sign or Adam steps", choices=("sign", "adam")
+        "adam",
+        "flow update: adam (lr = step size, default 0.01, as StAdvAttack) or sign "
+        "(gradient-sign steps of 2.5·ε/steps)",
+        choices=("sign", "adam"),
+    )
+    start: str = option(
+        "identity",
+        "starting flow: identity (StAdvAttack) or random (uniform in the bound, when "
+        "at.random_start is on)",
+        choices=("identity", "random"),
+    )
+    loss: str = option(
+        "margin",
+        "classification loss maximised: margin (κ = ∞, StAdvAttack) or ce",
+        choices=("margin", "ce"),
     )
 
 
@@ -54,12 +79,14 @@ def warp(x: torch.Tensor, flow: torch.Tensor) -> torch.Tensor:
 
 
 def flow_smoothness(flow: torch.Tensor) -> torch.Tensor:
-    """stAdv's L_flow per sample: Σ over neighbouring pixel pairs of sqrt(|Δu|² + |Δv|² + ε)."""
-    dx = flow[:, :, :, 1:] - flow[:, :, :, :-1]
-    dy = flow[:, :, 1:, :] - flow[:, :, :-1, :]
-    return (dx.pow(2).sum(1) + 1e-8).sqrt().flatten(1).sum(1) + (
-        dy.pow(2).sum(1) + 1e-8
-    ).sqrt().flatten(1).sum(1)
+    """stAdv's L_flow per sample as mister_ed's ``FullSpatial.stAdv_norm`` computes it: for
+    every pixel and each of its four neighbours (left, right, up, down, wrapping around the
+    border), sqrt(|Δu|² + |Δv|² + 1e-10), summed — each neighbouring pair counts twice."""
+    total = flow.new_zeros(flow.shape[0])
+    for shift, dim in ((1, 2), (-1, 2), (1, 3), (-1, 3)):
+        diff = flow - flow.roll(shift, dims=dim)
+        total = total + (diff.pow(2).sum(1) + 1e-10).sqrt().flatten(1).sum(1)
+    return total
 
 
 class SpatialFlow(ThreatModel):
@@ -69,19 +96,39 @@ class SpatialFlow(ThreatModel):
     default_eps = 0.025  # CAT paper: spatial AT and the spatial half of CAT
 
     def __init__(
-        self, *budget: Any, tau: float = 0.0, optimizer: str = "sign", **budget_options: Any
+        self,
+        *budget: Any,
+        tau: float | None = None,
+        optimizer: str = "adam",
+        start: str = "identity",
+        loss: str = "margin",
+        **budget_options: Any,
     ):
+        self.optimizer = optimizer  # the default step size depends on it
         super().__init__(*budget, **budget_options)
-        self.tau = tau
-        self.optimizer = optimizer
+        self.tau = FLOW_LOSS_PER_BOUND / self.eps if tau is None else tau
+        self.start = start
+        self.loss = loss
+
+    def default_step_size(self) -> float:
+        return ADAM_LR if self.optimizer == "adam" else super().default_step_size()
 
     @classmethod
     def knobs(cls, section) -> dict[str, Any]:
-        return {"tau": section.tau, "optimizer": section.optimizer}
+        return {
+            "tau": section.tau,
+            "optimizer": section.optimizer,
+            "start": section.start,
+            "loss": section.loss,
+        }
+
+    @property
+    def starts_random(self) -> bool:
+        return self.random_start and self.start == "random"
 
     def init(self, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         shape = torch.Size((x.shape[0], 2, *x.shape[-2:]))
-        if not self.random_start:
+        if not self.starts_random:
             return torch.zeros(shape, device=x.device, dtype=x.dtype)
         return self.eps * uniform(shape, generator, x.device)
 
@@ -91,7 +138,8 @@ class SpatialFlow(ThreatModel):
     def ascend(self, x, delta, grad, memory: dict[str, Any]) -> torch.Tensor:
         if self.optimizer == "sign":
             return delta + self.step_size * grad.sign()
-        # Adam (β = 0.9, 0.999) ascent on the flow, moments kept for this attack only.
+        # Adam (β = 0.9, 0.999, torch.optim.Adam's defaults, as mister_ed's PGD uses it)
+        # ascent on the flow, moments kept for this attack only.
         t = memory["step"] + 1
         m = memory["adam_m"] = 0.9 * memory.get("adam_m", torch.zeros_like(grad)) + 0.1 * grad
         v = memory["adam_v"] = (
