@@ -3,8 +3,9 @@
 Followed: the paper and BackdoorBench's ``defense/NC/nc.py`` (after bolunwang/backdoor).
 1. Reverse engineering, for every class t: a mask m ∈ [0, 1]^{H×W} and a pattern
    p ∈ [0, 1]^{C×H×W} (both tanh-parametrised) minimise CE(f((1 − m)·x + m·p), t) + λ·‖m‖₁
-   over the clean share, Adam (lr 0.1, β = (0.5, 0.9)); λ starts at 1e-3 and adapts as in the
-   paper: after a pass with attack success ≥ 99% it is multiplied by 1.5, otherwise divided by
+   over the clean share, Adam (lr 0.1, β = (0.5, 0.9)) for ``reverse_steps`` mini-batches; λ
+   starts at 1e-3 and adapts as in the paper: after a round of at least 10 steps (or a pass
+   over the share) with attack success ≥ 99% it is multiplied by 1.5, otherwise divided by
    1.5^1.5; the smallest-norm mask reaching 99% is kept.
 2. Detection: the anomaly index of class t is |‖m_t‖₁ − median| / (1.4826 · MAD) over the
    classes' mask norms (MAD: median absolute deviation; 1.4826 the consistency constant); a
@@ -19,6 +20,7 @@ the attack's target is among them) and the flagged classes in the result's detai
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -35,8 +37,10 @@ MAD_CONSISTENCY = 1.4826  # MAD → standard deviation under normality (Wang et 
 
 @dataclass(frozen=True)
 class NeuralCleanseSection(FineTuneSection):
-    reverse_epochs: int = option(
-        10, "passes over the clean share per class to reverse its trigger", check=at_least(1)
+    reverse_steps: int = option(
+        300,
+        "optimisation steps (mini-batches of the clean share) per class to reverse its trigger",
+        check=at_least(1),
     )
     reverse_lr: float = option(
         0.1, "Adam learning rate of mask and pattern (Wang et al.: 0.1)", check=above(0)
@@ -74,9 +78,16 @@ def reverse_trigger(
     optimizer = torch.optim.Adam([mask_param, pattern_param], lr=cfg.reverse_lr, betas=(0.5, 0.9))
     cost = cfg.init_cost
     best = None
-    for _ in range(cfg.reverse_epochs):
+    n = len(clean.y_train)
+    per_round = max(10, math.ceil(n / batch_size))  # the 99% check and cost update happen per round
+    for _ in range(math.ceil(cfg.reverse_steps / per_round)):
         hits = seen = 0
-        for idx in shuffled_batches(len(clean.y_train), batch_size, generator, device):
+        batches = [
+            idx
+            for _ in range(math.ceil(per_round * batch_size / n))
+            for idx in shuffled_batches(n, batch_size, generator, device)
+        ][:per_round]
+        for idx in batches:
             x = to_float(clean.x_train[idx], False)
             mask = (torch.tanh(mask_param) + 1) / 2
             pattern = (torch.tanh(pattern_param) + 1) / 2
