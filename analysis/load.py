@@ -24,6 +24,7 @@ import pandas as pd
 from bdat_ray.config import ConfigError, at_components, from_flat, leaf, leaf_keys, parse_value
 from bdat_ray.search_space import (
     DEFAULT_OBJECTIVES,
+    DEFENSE_METRICS,
     METRICS,
     describe_trial,
     environment_group,
@@ -330,7 +331,10 @@ def trial_frame(runs: list[Any], environment: list[str] | None = None) -> pd.Dat
     others = [
         k
         for k in varying_keys(finished)
-        if k not in environment and k not in REPEAT_KEYS and not is_threat_key(k)
+        if k not in environment
+        and k not in REPEAT_KEYS
+        and not is_threat_key(k)
+        and not k.startswith("defense.")  # the tables label defenses themselves
     ]
     usual = {**_usual(attack_keys, flats), **_usual(others, finished)}
 
@@ -364,7 +368,7 @@ def trial_frame(runs: list[Any], environment: list[str] | None = None) -> pd.Dat
                 **what,
                 "setting": ", ".join([what["attack"], *unusual(flat, attack_keys)]),
                 "variant": ", ".join(unusual(flat, others)),
-                **{m: metrics.get(m, math.nan) for m in METRICS},
+                **{m: metrics.get(m, math.nan) for m in (*METRICS, *DEFENSE_METRICS)},
                 **flat,
                 **{k: v for k, v in run.data.params.items() if k.startswith(RESOLVED)},
             }

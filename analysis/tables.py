@@ -19,6 +19,7 @@ the values as shown, so equal shown values share a mark.
 
 from __future__ import annotations
 
+import dataclasses
 import html
 import math
 from dataclasses import dataclass
@@ -30,8 +31,29 @@ from analysis.fronts import FINISHED
 from analysis.load import NO_AT, defense_text
 
 WENG_ATTACKS = ("sticker", "watermark", "channel")
-LABELS = {"acc": "ACC", "asr": "ASR", "robust_acc": "robust acc"}
-METRICS = tuple(LABELS)  # every cell keeps all three; a table shows some
+LABELS = {
+    "acc": "ACC",
+    "asr": "ASR",
+    "robust_acc": "robust acc",
+    "detect_tpr": "TPR",
+    "detect_fpr": "FPR",
+    "removed": "removed",
+}
+METRICS = tuple(LABELS)  # every cell keeps all of them; a table shows some
+#: How the papers name the baseline defenses (``defense.name`` -> column label).
+DEFENSE_LABELS = {
+    "perfect_filter": "perfect filter",
+    "random_filter": "random filter",
+    "spectral": "SS",
+    "activation_clustering": "AC",
+    "dpsgd": "DPSGD",
+    "abl": "ABL",
+    "lipschitz": "Lipschitz Reg.",
+    "denoise": "Denoising Layer",
+    "fine_pruning": "FP",
+    "nad": "NAD",
+    "neural_cleanse": "NC",
+}
 NO_DEFENSE = "no defense"
 STANDARD = "standard training"
 AVERAGE = "Average"
@@ -91,10 +113,12 @@ class Table:
 
 
 def _cell(members: pd.DataFrame) -> Cell:
+    present = [m for m in METRICS if m in members]  # detection metrics: defended runs only
     return Cell(
         n=len(members),
-        mean={m: float(members[m].mean()) for m in METRICS},
-        std={m: float(members[m].std(ddof=1)) for m in METRICS},  # NaN for one trial
+        mean=dict.fromkeys(METRICS, math.nan) | {m: float(members[m].mean()) for m in present},
+        # NaN for one trial
+        std=dict.fromkeys(METRICS, math.nan) | {m: float(members[m].std(ddof=1)) for m in present},
     )
 
 
@@ -166,11 +190,51 @@ def _seeds_note(trials: pd.DataFrame) -> str:
 
 
 def _defense(trials: pd.DataFrame, none: str, prefix: str = "") -> pd.Series:
-    labels = [
-        none if t == NO_AT else prefix + defense_text(t, b, none)
-        for t, b in zip(trials["threat"], trials["budgets"], strict=True)
-    ]
+    """A trial's column: its baseline defense (``defense.name``, as the papers name it) and
+    its AT, joined as the papers write "Lipschitz Reg. + Adv. Training"; ``none`` for
+    neither."""
+    defenses = trials["defense"] if "defense" in trials else pd.Series("none", trials.index)
+    labels = []
+    for t, b, d in zip(trials["threat"], trials["budgets"], defenses, strict=True):
+        parts = [
+            DEFENSE_LABELS.get(d, d) if d != "none" else "",
+            "" if t == NO_AT else prefix + defense_text(t, b, none),
+        ]
+        labels.append(" + ".join(p for p in parts if p) or none)
     return pd.Series(labels, index=trials.index)
+
+
+FP_RATIO = "defense.fine_pruning.ratio"
+
+
+def pick_closest_accuracy(trials: pd.DataFrame, reference: str = "cat") -> tuple[pd.DataFrame, str]:
+    """The CAT paper's rule for Fine-Pruning (§4): of the pruning ratios swept for an attack
+    row, keep the one whose clean accuracy is closest to that row's ``reference`` AT (CAT)
+    with no baseline defense; rows without a reference keep every ratio. Returns the kept
+    trials and a note naming the picked ratios."""
+    if "defense" not in trials or FP_RATIO not in trials:
+        return trials, ""
+    done = trials["outcome"] == FINISHED
+    fp = done & (trials["defense"] == "fine_pruning")
+    ref = done & (trials["threat"] == reference) & (trials["defense"] == "none")
+    keep = pd.Series(True, index=trials.index)
+    picks = []
+    for setting, members in trials[fp].groupby("setting", sort=False):
+        target = trials.loc[ref & (trials["setting"] == setting), "acc"]
+        if target.empty or members[FP_RATIO].nunique() < 2:
+            continue
+        by_ratio = members.groupby(FP_RATIO)["acc"].mean()
+        best = (by_ratio - target.mean()).abs().idxmin()
+        keep[members.index[members[FP_RATIO] != best]] = False
+        picks.append(f"{setting}: {100 * best:.0f}%")
+    note = (
+        f" FP: the pruning ratio whose ACC is closest to {reference}'s (CAT paper §4) — "
+        + "; ".join(picks)
+        + "."
+        if picks
+        else ""
+    )
+    return trials[keep], note
 
 
 def _joined(*parts: pd.Series) -> pd.Series:
@@ -179,8 +243,10 @@ def _joined(*parts: pd.Series) -> pd.Series:
 
 
 def cat_table(trials: pd.DataFrame) -> Table:
-    """The CAT paper's Table 2 layout: attacks × defenses, ``ACC / ASR``."""
-    return comparison(
+    """The CAT paper's Table 2 layout: attacks × defenses, ``ACC / ASR`` (FP at the ratio
+    `pick_closest_accuracy` picks)."""
+    trials, fp_note = pick_closest_accuracy(trials)
+    table = comparison(
         trials,
         row=trials["setting"],
         column=_joined(_defense(trials, NO_DEFENSE), trials["variant"]),
@@ -194,6 +260,36 @@ def cat_table(trials: pd.DataFrame) -> Table:
         ),
         marked=True,
         average=True,
+    )
+    return dataclasses.replace(table, note=table.note + fp_note)
+
+
+def has_detections(trials: pd.DataFrame) -> bool:
+    """Whether a finished trial ran a defense that flags training images (filters, ABL)."""
+    if "detect_tpr" not in trials:
+        return False
+    return bool(trials.loc[trials["outcome"] == FINISHED, "detect_tpr"].notna().any())
+
+
+def detection_table(trials: pd.DataFrame) -> Table:
+    """What the flagging defenses found (Weng et al. Table 9's detection rate): attacks ×
+    defenses, cells ``TPR / FPR / removed``."""
+    flagged = trials[trials["detect_tpr"].notna() | (trials["outcome"] != FINISHED)]
+    return comparison(
+        flagged,
+        row=flagged["setting"],
+        column=_joined(_defense(flagged, NO_DEFENSE), flagged["variant"]),
+        metrics=("detect_tpr", "detect_fpr", "removed"),
+        title="Poison detection of the filtering defenses (Weng et al. Table 9(a))",
+        row_header="Attack",
+        column_header="Defense",
+        note=(
+            "Cells: TPR (share of the poisoned training images flagged) / FPR (share of the "
+            "clean ones flagged), in percent, / images removed (ABL: isolated), "
+            f"{_seeds_note(flagged)}."
+        ),
+        marked=False,
+        average=False,
     )
 
 
@@ -228,6 +324,8 @@ def tables(trials: pd.DataFrame) -> list[Table]:
     found = [cat_table(trials)]
     if has_weng_dimensions(trials):
         found.append(weng_table(trials))
+    if has_detections(trials):
+        found.append(detection_table(trials))
     return found
 
 

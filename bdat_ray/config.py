@@ -638,6 +638,7 @@ def validate(cfg: Config) -> None:
     """Cross-key checks that need no dataset (dataset-dependent ones run in `engine.prepare`)."""
     at_components(cfg.at)
     BACKDOORS[cfg.attack.name].check_config(cfg.attack)
+    DEFENSES[cfg.defense.name].check_config(cfg)
 
 
 def describe_keys() -> str:

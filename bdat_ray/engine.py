@@ -16,7 +16,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -35,10 +35,13 @@ from bdat_ray.config import (
 )
 from bdat_ray.data import ImageData, load_dataset
 from bdat_ray.data.augment import augment, resolve_augment, shuffled_batches, to_float
+from bdat_ray.defenses import DEFENSES, Defense, DefenseContext
+from bdat_ray.defenses.base import subset
 from bdat_ray.metrics import (
     attack_success_rate,
     attack_success_rate_by_prediction,
     clean_accuracy,
+    detection_rates,
     predict,
     robust_accuracy,
 )
@@ -124,6 +127,10 @@ class Prepared:
     augment_mode: str
     backdoor: Backdoor
     clean: ImageData  # unpoisoned, on CPU: the gallery and per-epoch re-draws start from it
+    defense: Defense
+    #: the poisoned data before a filter defense removed images (None: nothing removed)
+    unfiltered: PoisonedData | None = None
+    defense_seconds: float = 0.0  # the defense's own work outside the training epochs
 
 
 def prepare(cfg: Config, data: ImageData | None = None) -> Prepared:
@@ -135,6 +142,10 @@ def prepare(cfg: Config, data: ImageData | None = None) -> Prepared:
     data = data if data is not None else load_dataset(cfg.data)
     backdoor = BACKDOORS[cfg.attack.name](cfg.attack, poison_context(cfg, device))
     poisoned = backdoor.poison(data)
+    defense = build_defense(cfg, data, poisoned, device)
+    t0 = time.perf_counter()
+    poisoned, unfiltered = apply_filter(defense, poisoned, backdoor)
+    filter_seconds = time.perf_counter() - t0
     amp = cfg.train.amp if cfg.train.amp != "auto" else ("bf16" if device.type == "cuda" else "off")
 
     torch.manual_seed(cfg.train.seed)
@@ -148,6 +159,7 @@ def prepare(cfg: Config, data: ImageData | None = None) -> Prepared:
         mean=mean,
         std=std,
     )
+    model = defense.adapt_model(model)
     channels_last = device.type == "cuda"
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     model = model.to(device, memory_format=memory_format)
@@ -160,6 +172,7 @@ def prepare(cfg: Config, data: ImageData | None = None) -> Prepared:
         "train.augment": resolve_augment(cfg.train.augment, data.channels),
         **backdoor.resolved_keys(),
         **_resolved_threat_keys(cfg, objective),
+        **defense.resolved_keys(),
     }
     resolved_cfg = cfg.replace(resolved)
     return Prepared(
@@ -173,6 +186,9 @@ def prepare(cfg: Config, data: ImageData | None = None) -> Prepared:
         augment_mode=resolved_cfg.train.augment,
         backdoor=backdoor,
         clean=data,
+        defense=defense,
+        unfiltered=unfiltered,
+        defense_seconds=filter_seconds,
     )
 
 
@@ -188,6 +204,111 @@ def train_auxiliary(overrides: Mapping[str, Any], data: ImageData) -> nn.Module:
     attacks through `PoisonContext` so their imports point down, never back to the engine."""
     cfg = from_flat({"attack.name": "none", "eval.robust_samples": 0, **overrides})
     return fit(cfg, data=data).model.eval()
+
+
+# ---------------------------------------------------------------------------------------------
+# Defenses: the engine calls the hooks of `bdat_ray.defenses.base.Defense` at fixed points of
+# every run (filter here, before the model is built; adapt_model above; wrap_optimizer,
+# objective and after_epoch in `fit`; repair after the last epoch). No defense-specific code.
+
+
+def build_defense(
+    cfg: Config, data: ImageData, poisoned: PoisonedData, device: torch.device
+) -> Defense:
+    """The run's defense with what it may use: an auxiliary trainer of the run's settings, the
+    clean share it is entitled to (on ``device``), the target class, the oracle indices."""
+    cls = DEFENSES[cfg.defense.name]
+    section = getattr(cfg.defense, cls.name, None)
+    ctx = DefenseContext(
+        device=device,
+        num_classes=data.num_classes,
+        image_shape=data.image_shape,
+        target=poisoned.target,
+        poison_indices=poisoned.poison_indices.cpu(),
+        batch_size=cfg.train.batch_size,
+        lr=cfg.train.lr,
+        epochs=cfg.train.epochs,
+        seed=cfg.train.seed,
+        trainer=defense_trainer(cfg),
+        clean_share=clean_share(cfg, cls, data).to(device) if cls.needs_clean_data() else None,
+    )
+    return cls(section, ctx)
+
+
+def defense_trainer(cfg: Config):
+    """`train_auxiliary` with the run's own model, training and AT settings (SS/AC's auxiliary
+    network is trained as the run would be, on the data the defense hands it)."""
+    run_keys = {
+        k: v
+        for k, v in cfg.to_flat().items()
+        if k == "device" or k.split(".")[0] in ("model", "train", "at")
+    }
+    return lambda overrides, data: train_auxiliary({**run_keys, **overrides}, data)
+
+
+def clean_share(cfg: Config, cls: type[Defense], data: ImageData) -> ImageData:
+    """``defense.<name>.clean_fraction`` of the *clean* training set, drawn from
+    ``train.seed``: the clean data the papers give the defender (CAT paper §4: 5%)."""
+    fraction = getattr(cfg.defense, cls.name).clean_fraction
+    n = len(data.y_train)
+    count = round(fraction * n)
+    if count < 1:
+        raise ConfigError(
+            f"defense.{cls.name}.clean_fraction",
+            f"{fraction:g} of {n} training images leaves no clean image; raise it",
+        )
+    generator = torch.Generator().manual_seed(cfg.train.seed * 1000 + 3)
+    return subset(data, torch.randperm(n, generator=generator)[:count].sort().values)
+
+
+def apply_filter(
+    defense: Defense, poisoned: PoisonedData, backdoor: Backdoor
+) -> tuple[PoisonedData, PoisonedData | None]:
+    """(training data after the defense's filter, the data before it — None when the
+    defense filters nothing). The poisoned indices are renumbered into the kept set."""
+    removed = defense.filter(poisoned.data)
+    if removed is None:
+        return poisoned, None
+    if backdoor.redraws_each_epoch:
+        raise ConfigError(
+            "defense.name",
+            f"{defense.name} filters a fixed training set; "
+            "it cannot follow attack.wanet.redraw=true",
+        )
+    defense.flagged = removed = removed.cpu()
+    n = len(poisoned.data.y_train)
+    keep = torch.ones(n, dtype=torch.bool)
+    keep[removed] = False
+    new_position = keep.long().cumsum(0) - 1
+
+    def renumber(indices: torch.Tensor) -> torch.Tensor:
+        indices = indices.cpu()
+        return new_position[indices[keep[indices]]]
+
+    kept = replace(
+        poisoned,
+        data=subset(poisoned.data, keep.nonzero().flatten().to(poisoned.data.x_train.device)),
+        poison_indices=renumber(poisoned.poison_indices),
+        cross_indices=renumber(poisoned.cross_indices),
+    )
+    return kept, poisoned
+
+
+def defense_metrics(prep: Prepared, before_repair: dict[str, float] | None) -> dict[str, float]:
+    """The defense's metrics for the result (and MLflow): detection of what it flagged, the
+    clean fraction it read, its own seconds, the metrics before a repair, its own report."""
+    defense = prep.defense
+    if defense.name == "none":
+        return {}
+    original = prep.unfiltered or prep.poisoned
+    out: dict[str, float] = {"defense_seconds": prep.defense_seconds}
+    if defense.flagged is not None:
+        out |= detection_rates(defense.flagged, original.poison_indices, len(original.data.y_train))
+    if defense.ctx.clean_share is not None:
+        out["clean_fraction"] = len(defense.ctx.clean_share.y_train) / len(prep.clean.y_train)
+    if before_repair is not None:
+        out |= {f"{k}_before_repair": v for k, v in before_repair.items()}
+    return out | defense.report()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -207,6 +328,9 @@ class RunResult:
     device: str
     config: dict[str, Any]
     history: list[dict[str, float]] = field(default_factory=list)
+    #: the defense's metrics (`defense_metrics`): detect_*, removed, clean_fraction, ...
+    defense: dict[str, float] = field(default_factory=dict)
+    defense_details: dict[str, Any] = field(default_factory=dict)  # e.g. NC's flagged classes
     model: nn.Module | None = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
@@ -295,10 +419,12 @@ def make_optimizer(model: nn.Module, cfg: Config):
 
 
 def train_epoch(
-    prep: Prepared, optimizer, generators: dict[str, torch.Generator], progress=None
+    prep: Prepared, optimizer, generators: dict[str, torch.Generator], progress=None, objective=None
 ) -> dict[str, float]:
-    """One pass over the poisoned training set; returns the epoch's bookkeeping."""
-    model, objective, data = prep.model, prep.objective, prep.poisoned.data
+    """One pass over the poisoned training set; returns the epoch's bookkeeping.
+    ``objective``: the epoch's objective when a defense changes it (default the run's)."""
+    model, data = prep.model, prep.poisoned.data
+    objective = objective or prep.objective
     model.train()
     sums = {
         k: torch.zeros((), device=prep.device)
@@ -405,6 +531,7 @@ def fit(
         save_poisoning_artifacts(prep, workdir)
 
     optimizer, scheduler = make_optimizer(prep.model, rcfg)
+    optimizer = prep.defense.wrap_optimizer(optimizer, prep.model)  # DPSGD's clip and noise
     generators = {
         name: torch.Generator(prep.device).manual_seed(rcfg.train.seed * 1000 + offset)
         for offset, name in enumerate(("data", "attack"))
@@ -421,6 +548,7 @@ def fit(
         for name, gen in generators.items():
             gen.set_state(state["rng"][name])
         history = list(state["history"])
+        prep.defense.load_state_dict(state.get("defense", {}))
         first_epoch = int(state["epoch"]) + 1
         log.info("resumed after epoch %d", first_epoch - 1)
 
@@ -432,8 +560,13 @@ def fit(
             redraw_poison(prep, epoch)
         bar = _progress_bar(progress, n_train, f"epoch {epoch}/{rcfg.train.epochs}")
         lr = optimizer.param_groups[0]["lr"]
-        stats = train_epoch(prep, optimizer, generators, bar)
+        stats = train_epoch(
+            prep, optimizer, generators, bar, prep.defense.objective(prep.objective, epoch)
+        )
         scheduler.step()
+        t_defense = time.perf_counter()
+        prep.defense.after_epoch(epoch, prep.model, prep.poisoned.data)
+        prep.defense_seconds += time.perf_counter() - t_defense
         seconds = time.perf_counter() - t0
         metrics = {
             "epoch": epoch,
@@ -462,11 +595,13 @@ def fit(
                     "scheduler": scheduler.state_dict(),
                     "rng": {name: gen.get_state() for name, gen in generators.items()},
                     "history": history,
+                    "defense": prep.defense.state_dict(),
                 },
             )
         if on_epoch is not None:
             on_epoch(metrics, checkpoint_dir)
 
+    before_repair = repair_model(prep)
     final = evaluate(prep)
     robust = evaluate_robust(prep, progress)
     train_seconds = sum(h["epoch_seconds"] for h in history)
@@ -482,6 +617,8 @@ def fit(
         device=str(prep.device),
         config=rcfg.to_flat(),
         history=history,
+        defense=defense_metrics(prep, before_repair),
+        defense_details=prep.defense.details(),
         model=prep.model,
     )
     if workdir:
@@ -489,13 +626,27 @@ def fit(
     return result
 
 
+def repair_model(prep: Prepared) -> dict[str, float] | None:
+    """The repair hook after the last epoch; returns acc/asr before it (None: no repair)."""
+    if type(prep.defense).repair is Defense.repair:
+        return None
+    before = evaluate(prep)
+    t0 = time.perf_counter()
+    prep.model = prep.defense.repair(prep.model, prep.poisoned.data)
+    prep.defense_seconds += time.perf_counter() - t0
+    return before
+
+
 def save_poisoning_artifacts(prep: Prepared, workdir: Path) -> None:
-    """The poisoned (and WaNet noise-mode) indices and a picture of the trigger (empty for
-    an attack poisoning per batch, which keeps no fixed set; its picture shows what it does)."""
+    """The poisoned (and WaNet noise-mode) indices, a picture of the trigger (empty for an
+    attack poisoning per batch, which keeps no fixed set; its picture shows what it does), and
+    the indices a filter defense removed (``removed_indices.npy``, into the unfiltered set)."""
     from bdat_ray.backdoors.pictures import attack_mosaic, panel_title, save_gallery
 
     workdir.mkdir(parents=True, exist_ok=True)
-    p = prep.poisoned
+    p = prep.unfiltered or prep.poisoned
+    if prep.unfiltered is not None:
+        np.save(workdir / "removed_indices.npy", prep.defense.flagged.numpy())
     np.save(workdir / "poisoned_indices.npy", p.poison_indices.cpu().numpy())
     if len(p.cross_indices):
         np.save(workdir / "cross_indices.npy", p.cross_indices.cpu().numpy())

@@ -11,6 +11,8 @@
   ``asr`` (MadryLab's label-consistent code excludes both, by label and by prediction).
 - ``robust_acc``: accuracy under a fixed evaluation attack (PGD-20 L-inf 8/255 by default)
   on the first ``eval.robust_samples`` clean test images.
+- ``detect_tpr`` / ``detect_fpr`` / ``detect_precision`` / ``removed``: how the training images
+  a defense flagged (a filter's removals, ABL's isolated set) match the poisoned ones.
 """
 
 from __future__ import annotations
@@ -98,3 +100,27 @@ def robust_accuracy(
         if on_batch is not None:
             on_batch(len(yb))
     return percent(torch.cat(hits)) if hits else float("nan")
+
+
+def detection_rates(
+    flagged: torch.Tensor, poisoned: torch.Tensor, n_train: int
+) -> dict[str, float]:
+    """A defense's flagged training indices against the truly poisoned ones: ``detect_tpr``
+    (share of poisoned images flagged), ``detect_fpr`` (share of clean images flagged),
+    ``detect_precision`` (share of flagged images that are poisoned), all percent (NaN where
+    the denominator is empty), and ``removed`` (how many images were flagged)."""
+    flagged = torch.unique(flagged.cpu())
+    poisoned = torch.unique(poisoned.cpu())
+    hits = torch.isin(flagged, poisoned).sum().item()
+    false = len(flagged) - hits
+    clean = n_train - len(poisoned)
+
+    def share(k: int, total: int) -> float:
+        return 100.0 * k / total if total else float("nan")
+
+    return {
+        "detect_tpr": share(hits, len(poisoned)),
+        "detect_fpr": share(false, clean),
+        "detect_precision": share(hits, len(flagged)),
+        "removed": float(len(flagged)),
+    }

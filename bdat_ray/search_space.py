@@ -52,6 +52,15 @@ from bdat_ray.config import ConfigError, flatten, from_flat, leaf, parse_value
 
 #: Metrics a trial reports at the end (percent, seconds, images/s); objectives pick from these.
 METRICS = ("acc", "asr", "asr_pred", "robust_acc", "seconds", "gpu_seconds", "images_per_s")
+#: a defense's final metrics (bdat_ray.engine.defense_metrics); absent on undefended runs
+DEFENSE_METRICS = (
+    "detect_tpr",
+    "detect_fpr",
+    "detect_precision",
+    "removed",
+    "clean_fraction",
+    "defense_seconds",
+)
 GRID, CHOICE, UNIFORM, LOGUNIFORM, INT = "grid", "choice", "uniform", "loguniform", "int"
 KINDS = (GRID, CHOICE, UNIFORM, LOGUNIFORM, INT)
 SECTIONS = (
@@ -692,8 +701,9 @@ def format_budget(threat: str, eps: float | None) -> str:
 
 
 def describe_trial(flat: Mapping[str, Any]) -> dict[str, str]:
-    """``attack``, ``threat`` and ``budgets`` of a trial's overrides, e.g. ``badnets``,
-    ``cat``, ``linf 2/255 ×0.50 + spatial 0.025 ×0.50`` (budgets as the run resolves them)."""
+    """``attack``, ``threat``, ``budgets`` and ``defense`` of a trial's overrides, e.g.
+    ``badnets``, ``cat``, ``linf 2/255 ×0.50 + spatial 0.025 ×0.50`` (budgets as the run
+    resolves them), ``none``."""
     from bdat_ray.config import at_components
 
     cfg = from_flat(flat)
@@ -712,4 +722,4 @@ def describe_trial(flat: Mapping[str, Any]) -> dict[str, str]:
     attack = cfg.attack.name
     if attack != "none" and cfg.attack.label_mode == "clean":
         attack += " (clean-label)"
-    return {"attack": attack, "threat": threat, "budgets": budgets}
+    return {"attack": attack, "threat": threat, "budgets": budgets, "defense": cfg.defense.name}

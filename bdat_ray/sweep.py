@@ -161,8 +161,10 @@ def grid_listing(space: SearchSpace, limit: int = 40) -> str:
             for k in usual
             if k in point and repr(point[k]) != usual[k]
         )
+        defense = "" if what["defense"] == "none" else f" · defense {what['defense']}"
         lines.append(
-            f"  {i + 1:3d}  {what['attack']} · {what['threat']} {what['budgets']}  [{values}]"
+            f"  {i + 1:3d}  {what['attack']} · {what['threat']} {what['budgets']}{defense}"
+            f"  [{values}]"
         )
     if len(points) > limit:
         lines.append(f"  ... and {len(points) - limit} more")

@@ -88,7 +88,22 @@ def cell_text(cell: dict[str, Any], metrics: list[str] = ("acc", "asr")) -> str:
     if "error" in cell:
         return f"n/a ({cell['error'].split(': ', 1)[-1]})"
     values = " / ".join(f"{cell[m]:.1f}" for m in metrics)
-    return f"{values} ({cell['epoch_seconds']:.1f} s)"
+    text = f"{values} ({cell['epoch_seconds']:.1f} s)"
+    return text + defense_text(cell.get("defense", {}), cell.get("defense_details", {}))
+
+
+def defense_text(metrics: dict[str, float], details: dict[str, Any]) -> str:
+    """A defense's own findings in a cell: what it flagged (filters, ABL) against the poisoned
+    images, Neural Cleanse's flagged classes."""
+    parts = []
+    if "detect_tpr" in metrics:
+        parts.append(
+            f"TPR {metrics['detect_tpr']:.1f} / FPR {metrics['detect_fpr']:.1f}, "
+            f"{metrics['removed']:.0f} flagged"
+        )
+    if "nc_flagged_classes" in details:
+        parts.append(f"NC flags {details['nc_flagged_classes'] or 'none'}")
+    return "".join(f"<br>{p}" for p in parts)
 
 
 def render(
