@@ -51,7 +51,7 @@ from typing import Any
 from bdat_ray.config import ConfigError, flatten, from_flat, leaf, parse_value
 
 #: Metrics a trial reports at the end (percent, seconds, images/s); objectives pick from these.
-METRICS = ("acc", "asr", "robust_acc", "seconds", "gpu_seconds", "images_per_s")
+METRICS = ("acc", "asr", "robust_acc", "seconds", "gpu_seconds", "images_per_s", "craft_seconds")
 GRID, CHOICE, UNIFORM, LOGUNIFORM, INT = "grid", "choice", "uniform", "loguniform", "int"
 KINDS = (GRID, CHOICE, UNIFORM, LOGUNIFORM, INT)
 SECTIONS = (

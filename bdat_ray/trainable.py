@@ -129,6 +129,7 @@ def run_trial(config: dict[str, Any], settings: TrialSettings, data: Any = None)
             "seconds": result.seconds,
             "gpu_seconds": result.seconds * settings.gpus,
             "images_per_s": result.images_per_s,
+            "craft_seconds": result.craft_seconds,
         }
         run.finish(
             final, step=result.epochs, model=result.model, workdir=workdir, resolved=result.config
