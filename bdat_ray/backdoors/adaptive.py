@@ -61,13 +61,13 @@ import logging
 import math
 import time
 from dataclasses import asdict, dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bdat_ray.backdoors.base import Backdoor, PoisonedData
+from bdat_ray.backdoors.base import Backdoor, PoisonContext, PoisonedData
 from bdat_ray.backdoors.triggers import to_uint8
 from bdat_ray.cache import cached_tensors, content_key
 from bdat_ray.data.dataset import ImageData
@@ -75,6 +75,9 @@ from bdat_ray.options import ConfigError, above, at_least, option, within
 from bdat_ray.threats import perturb
 from bdat_ray.threats.lp import LinfPGD
 from bdat_ray.threats.objective import AdversarialTraining, StandardTraining
+
+if TYPE_CHECKING:
+    from bdat_ray.config import AttackConfig
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +139,7 @@ class AdaptiveAttack(Backdoor):
     paper = "CAT paper Appendix B (Table 4); Souri et al. 2021; Geiping et al. 2021"
     label_modes = ("clean",)
 
-    def __init__(self, cfg, context=None):
+    def __init__(self, cfg: AttackConfig, context: PoisonContext | None = None):
         super().__init__(cfg, context)
         self._crafted: dict[str, torch.Tensor] | None = None
 
@@ -161,9 +164,6 @@ class AdaptiveAttack(Backdoor):
                 f"target {self.target}; got {a.source_class}",
             )
         super().check_data(data)
-
-    def resolved_keys(self) -> dict[str, object]:
-        return {**super().resolved_keys(), "attack.adaptive.surrogate": self.cfg.adaptive.surrogate}
 
     def surrogate_overrides(self) -> dict[str, Any]:
         """Run keys of every surrogate training: the victim's AT unless ``standard``."""
@@ -369,7 +369,9 @@ class AdaptiveAttack(Backdoor):
                 acc += g
         return [g / len(images) for g in total]
 
-    def _select_poisons(self, model: nn.Module, data: ImageData, device: torch.device):
+    def _select_poisons(
+        self, model: nn.Module, data: ImageData, device: torch.device
+    ) -> torch.Tensor:
         """The target-class images with the largest per-sample gradient norms (Sleeper
         Agent's ``poison_selection_strategy=max_gradient``), sorted by index."""
         pool = self.candidates(data)
