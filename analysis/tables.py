@@ -11,6 +11,9 @@
   sticker / watermark / channel triggers): one row per trigger setting (attack keys plus the
   other swept keys), columns standard training vs each adversarial training; cells
   ``acc / robust acc / ASR``.
+- **CAT paper, Table 4 layout** (`adaptive_table`, when the sweep trains against the adaptive
+  attack, ``search_spaces/cat_table4.yaml``): one row per ``Adaptive attack (δ_max, ε)``,
+  standard training (ε = 0) first; cells ``ACC / ASR``.
 
 Trials that differ only in ``train.seed`` share a cell: mean ± sample standard deviation
 (n - 1) over them. Values in percent, one decimal (as the sweep's own table); marks compare
@@ -29,8 +32,11 @@ import pandas as pd
 
 from analysis.fronts import FINISHED
 from analysis.load import NO_AT, defense_text
+from bdat_ray.search_space import format_budget
 
 WENG_ATTACKS = ("sticker", "watermark", "channel")
+ADAPTIVE = "adaptive"
+ADAPTIVE_COLUMN = "adaptive attack"
 LABELS = {
     "acc": "ACC",
     "asr": "ASR",
@@ -319,6 +325,46 @@ def weng_table(trials: pd.DataFrame) -> Table:
     )
 
 
+def has_adaptive_trials(trials: pd.DataFrame) -> bool:
+    """Whether the sweep trains against the CAT paper's adaptive attack (Appendix B)."""
+    done = trials[trials["outcome"] == FINISHED]
+    return bool((done["attack.name"] == ADAPTIVE).any())
+
+
+def adaptive_table(trials: pd.DataFrame) -> Table:
+    """The CAT paper's Table 4 layout: one row per (δ_max, victim ε) of the adaptive attack,
+    standard training (ε = 0) first, each by increasing δ_max; cells ``ACC / ASR``."""
+    adaptive = trials[trials["attack.name"] == ADAPTIVE].sort_values(
+        ["budget", "attack.adaptive.delta_max"], kind="stable"
+    )
+    rows = [
+        f"Adaptive attack (δ_max = {format_budget('linf', delta)}, "
+        f"ε = {'0' if threat == NO_AT else defense_text(threat, budgets, '')})"
+        for delta, threat, budgets in zip(
+            adaptive["attack.adaptive.delta_max"],
+            adaptive["threat"],
+            adaptive["budgets"],
+            strict=True,
+        )
+    ]
+    return comparison(
+        adaptive,
+        row=_joined(pd.Series(rows, index=adaptive.index), adaptive["variant"]),
+        column=pd.Series(ADAPTIVE_COLUMN, index=adaptive.index),
+        metrics=("acc", "asr"),
+        title="Adaptive attack (CAT paper, Table 4 layout)",
+        row_header="Setting",
+        column_header="",
+        note=(
+            f"Cells: ACC / ASR in percent, {_seeds_note(adaptive)}. δ_max: the L-inf bound of "
+            "the poisons' perturbations; ε: the victim's (and its surrogate's) adversarial "
+            "training, 0 = standard training."
+        ),
+        marked=False,
+        average=False,
+    )
+
+
 def tables(trials: pd.DataFrame) -> list[Table]:
     """The tables this sweep has the dimensions for."""
     found = [cat_table(trials)]
@@ -326,6 +372,8 @@ def tables(trials: pd.DataFrame) -> list[Table]:
         found.append(weng_table(trials))
     if has_detections(trials):
         found.append(detection_table(trials))
+    if has_adaptive_trials(trials):
+        found.append(adaptive_table(trials))
     return found
 
 

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from bdat_ray.backdoors import BACKDOORS, Backdoor, PoisonContext, PoisonedData
+from bdat_ray.cache import cached_tensors, content_key
 from bdat_ray.config import (
     Component,
     Config,
@@ -128,6 +129,7 @@ class Prepared:
     backdoor: Backdoor
     clean: ImageData  # unpoisoned, on CPU: the gallery and per-epoch re-draws start from it
     defense: Defense
+    craft_seconds: float  # wall time of building the poisoned set (surrogates, crafting)
     #: the poisoned data before a filter defense removed images (None: nothing removed)
     unfiltered: PoisonedData | None = None
     defense_seconds: float = 0.0  # the defense's own work outside the training epochs
@@ -141,7 +143,9 @@ def prepare(cfg: Config, data: ImageData | None = None) -> Prepared:
     device = resolve_device(cfg.device)
     data = data if data is not None else load_dataset(cfg.data)
     backdoor = BACKDOORS[cfg.attack.name](cfg.attack, poison_context(cfg, device))
+    craft_started = time.perf_counter()
     poisoned = backdoor.poison(data)
+    craft_seconds = time.perf_counter() - craft_started
     defense = build_defense(cfg, data, poisoned, device)
     t0 = time.perf_counter()
     poisoned, unfiltered = apply_filter(defense, poisoned, backdoor)
@@ -189,21 +193,40 @@ def prepare(cfg: Config, data: ImageData | None = None) -> Prepared:
         defense=defense,
         unfiltered=unfiltered,
         defense_seconds=filter_seconds,
+        craft_seconds=craft_seconds,
     )
 
 
 def poison_context(cfg: Config, device: torch.device) -> PoisonContext:
-    """What an attack may use from the run: its architecture, device and this engine's
-    `train_auxiliary` for surrogates."""
-    return PoisonContext(str(device), cfg.model.name, cfg.model.width, train_auxiliary)
+    """What an attack may use from the run: its architecture, device, this engine's
+    `train_auxiliary` for surrogates, and the run's adversarial training (its set ``at.*``
+    keys and objective: the adaptive attack's surrogate trains like the victim)."""
+    victim_at = {k: v for k, v in cfg.to_flat().items() if k.startswith("at.") and v is not None}
+    return PoisonContext(
+        str(device),
+        cfg.model.name,
+        cfg.model.width,
+        train_auxiliary,
+        victim_at,
+        build_objective(cfg),
+    )
 
 
 def train_auxiliary(overrides: Mapping[str, Any], data: ImageData) -> nn.Module:
-    """An auxiliary model trained by this engine on clean ``data`` — an attack's surrogate
-    (LC): the run defaults, ``overrides``, no poisoning, no robust evaluation. Handed to
-    attacks through `PoisonContext` so their imports point down, never back to the engine."""
+    """An auxiliary model trained by this engine on ``data`` as given — an attack's surrogate
+    (LC, the adaptive attack): the run defaults, ``overrides``, no poisoning of its own, no
+    robust evaluation. Handed to attacks through `PoisonContext` so their imports point down,
+    never back to the engine. The weights are cached under ``$BDAT_RAY_CACHE/surrogate`` by
+    the config hash and the training data, so a sweep trains each surrogate once."""
     cfg = from_flat({"attack.name": "none", "eval.robust_samples": 0, **overrides})
-    return fit(cfg, data=data).model.eval()
+
+    def train() -> dict[str, torch.Tensor]:
+        return {k: v.detach().cpu() for k, v in fit(cfg, data=data).model.state_dict().items()}
+
+    state = cached_tensors("surrogate", content_key(cfg.hash(), data.x_train, data.y_train), train)
+    model = prepare(cfg, data).model
+    model.load_state_dict(state)
+    return model.eval()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -326,6 +349,7 @@ class RunResult:
     images_per_s: float
     poisoned_count: int
     device: str
+    craft_seconds: float  # building the poisoned set (LC/adaptive surrogates and crafting)
     config: dict[str, Any]
     history: list[dict[str, float]] = field(default_factory=list)
     #: the defense's metrics (`defense_metrics`): detect_*, removed, clean_fraction, ...
@@ -615,6 +639,7 @@ def fit(
         images_per_s=n_train * len(history) / train_seconds if train_seconds else float("nan"),
         poisoned_count=len(prep.poisoned.poison_indices),
         device=str(prep.device),
+        craft_seconds=prep.craft_seconds,
         config=rcfg.to_flat(),
         history=history,
         defense=defense_metrics(prep, before_repair),

@@ -51,7 +51,16 @@ from typing import Any
 from bdat_ray.config import ConfigError, flatten, from_flat, leaf, parse_value
 
 #: Metrics a trial reports at the end (percent, seconds, images/s); objectives pick from these.
-METRICS = ("acc", "asr", "asr_pred", "robust_acc", "seconds", "gpu_seconds", "images_per_s")
+METRICS = (
+    "acc",
+    "asr",
+    "asr_pred",
+    "robust_acc",
+    "seconds",
+    "gpu_seconds",
+    "images_per_s",
+    "craft_seconds",
+)
 #: a defense's final metrics (bdat_ray.engine.defense_metrics); absent on undefended runs
 DEFENSE_METRICS = (
     "detect_tpr",

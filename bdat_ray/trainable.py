@@ -130,6 +130,7 @@ def run_trial(config: dict[str, Any], settings: TrialSettings, data: Any = None)
             "seconds": result.seconds,
             "gpu_seconds": result.seconds * settings.gpus,
             "images_per_s": result.images_per_s,
+            "craft_seconds": result.craft_seconds,
             **result.defense,  # detect_*, removed, clean_fraction, defense_seconds, ...
         }
         run.finish(

@@ -21,7 +21,16 @@ import pandas as pd
 import pytest
 
 from analysis import dominated_volume, hypervolume, hypervolume_curve, pareto_front
-from analysis.tables import BEST, SECOND, cat_table, tables, to_html, to_markdown, weng_table
+from analysis.tables import (
+    BEST,
+    SECOND,
+    adaptive_table,
+    cat_table,
+    tables,
+    to_html,
+    to_markdown,
+    weng_table,
+)
 
 # ---------------------------------------------------------------------------------------------
 # Hypervolume: areas and volumes worked out by hand.
@@ -227,6 +236,32 @@ def test_weng_layout_only_for_weng_triggers():
     assert [t.title for t in tables(trials)][1] == table.title
     other = pd.DataFrame([trial("badnets"), trial("blended", "linf", "8/255")])
     assert len(tables(other)) == 1
+
+
+def test_adaptive_attack_in_table4_layout():
+    def adaptive(delta, threat="none", budgets="-", budget=0.0, **kw):
+        row = trial("adaptive", threat, budgets, **kw)
+        return {**row, "attack.adaptive.delta_max": delta, "budget": budget}
+
+    trials = pd.DataFrame(
+        [
+            adaptive(16 / 255, "linf", "8/255", 8 / 255, acc=84.8, asr=2.5),
+            adaptive(16 / 255, acc=94.5, asr=48.7),
+            adaptive(8 / 255, acc=93.9, asr=25.1),
+            adaptive(8 / 255, "linf", "8/255", 8 / 255, acc=84.7, asr=2.7),
+        ]
+    )
+    table = tables(trials)[-1]
+    assert table.title == adaptive_table(trials).title
+    assert table.rows == [
+        "Adaptive attack (δ_max = 8/255, ε = 0)",
+        "Adaptive attack (δ_max = 16/255, ε = 0)",
+        "Adaptive attack (δ_max = 8/255, ε = linf 8/255)",
+        "Adaptive attack (δ_max = 16/255, ε = linf 8/255)",
+    ]
+    markdown = to_markdown(table)
+    assert "| Adaptive attack (δ_max = 16/255, ε = 0) | 94.5 / 48.7 |" in markdown
+    assert len(tables(pd.DataFrame([trial("badnets")]))) == 1
 
 
 # ---------------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from bdat_ray.backdoors import BACKDOORS, PoisonContext
+from bdat_ray.backdoors.adaptive import AdaptiveSection
 from bdat_ray.backdoors.blended import BlendedSection
 from bdat_ray.backdoors.lc import LCSection
 from bdat_ray.backdoors.triggers import CORNERS, PATTERNS, corner_mask
@@ -16,10 +17,12 @@ from bdat_ray.config import AttackConfig, ConfigError
 from bdat_ray.engine import train_auxiliary
 
 ATTACKS = sorted(set(BACKDOORS) - {"none"})
-WHOLE_IMAGE = {"blended", "wanet"}  # no trigger region to check
+# no trigger region to check (the adaptive attack's patch goes anywhere, its poisons carry none)
+WHOLE_IMAGE = {"blended", "wanet", "adaptive"}
 # Colour-only attacks run on the CIFAR-10 subset, the others on digits.
 COLOUR_ONLY = {"channel"}
 FAST_LC = LCSection(surrogate_epochs=1, steps=3)
+FAST_ADAPTIVE = AdaptiveSection(steps=2, retrain_factor=0, surrogate_epochs=1)
 CONTEXT = PoisonContext(trainer=train_auxiliary)  # LC trains its surrogate with the engine
 
 
@@ -36,7 +39,14 @@ def make_cfg(name: str, label_mode: str | None = None, **kw) -> AttackConfig:
     per-batch default is tested on its own below)."""
     if name == "wanet":
         kw.setdefault("wanet", WaNetSection(scheme="fixed"))
-    return AttackConfig(name=name, label_mode=label_mode, poison_rate=0.04, lc=FAST_LC, **kw)
+    return AttackConfig(
+        name=name,
+        label_mode=label_mode,
+        poison_rate=0.04,
+        lc=FAST_LC,
+        adaptive=FAST_ADAPTIVE,
+        **kw,
+    )
 
 
 def cases(names=ATTACKS):

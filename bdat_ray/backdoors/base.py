@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from torch import nn
 
     from bdat_ray.config import AttackConfig
+    from bdat_ray.threats.objective import AdversarialTraining, StandardTraining
 
 #: Trains an auxiliary model (an attack's surrogate) on clean ``data`` with the engine's own
 #: loop: ``trainer(run-config overrides, data) -> model`` in eval mode. The engine hands it
@@ -31,13 +32,17 @@ Trainer = Callable[[Mapping[str, Any], ImageData], "nn.Module"]
 
 @dataclass(frozen=True)
 class PoisonContext:
-    """What an attack may need from the run besides its own knobs: LC trains a surrogate
-    model of the run's architecture on the run's device with ``trainer``."""
+    """What an attack may need from the run besides its own knobs: LC and the adaptive attack
+    train a surrogate model of the run's architecture on the run's device with ``trainer``;
+    the adaptive attack also knows the victim's adversarial training — its ``at.*`` keys
+    (``victim_at``, for the surrogate) and the training objective built from them."""
 
     device: str = "cpu"
     model_name: str = "small_cnn"
     model_width: float = 1.0
     trainer: Trainer | None = None
+    victim_at: Mapping[str, Any] = field(default_factory=dict)
+    objective: StandardTraining | AdversarialTraining | None = None
 
     def train_surrogate(self, overrides: Mapping[str, Any], data: ImageData) -> nn.Module:
         """A model of the run's architecture, on the run's device, trained on ``data``."""
