@@ -189,7 +189,11 @@ class SweepProgress(tune.Callback):
         self.total = total
 
     def _label(self, trials: list, trial: Any) -> str:
-        return f"[{trials.index(trial) + 1}/{self.total}] {trial.trial_id}"
+        # The number in the trial id (``7d032_00003``: Tune counts trials as it creates
+        # them), not the trial's place in ``trials``, which changes when Tune retries it.
+        number = trial.trial_id.rpartition("_")[2]
+        place = int(number) + 1 if number.isdigit() else trials.index(trial) + 1
+        return f"[{place}/{self.total}] {trial.trial_id}"
 
     def _ended(self, trials: list, trial: Any) -> str:
         ended = sum(t.status in ("TERMINATED", "ERROR") or t is trial for t in trials)
