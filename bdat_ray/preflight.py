@@ -124,8 +124,7 @@ def _check_sqlite(key: str, uri: str) -> None:
             raise ConfigError(key, f"{db} is not an SQLite database")
     elif not db.parent.is_dir():
         raise ConfigError(key, f"the folder of {db} does not exist")
-    else:
-        _probe_folder(key, db.parent, db)
+    _probe_folder(key, db.parent, db)  # SQLite writes its journal beside the database
 
 
 def _check_server(key: str, uri: str) -> None:
