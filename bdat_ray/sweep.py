@@ -596,8 +596,10 @@ def _run_tuner(
             {"cpu": space.cpus, "gpu": space.gpus},
         )
         if resume:
+            # Errored trials too: one that died or lost MLflow continues from its checkpoint,
+            # one that diverged or had a bad config ends at once (`TrialFailedBefore`).
             tuner = tune.Tuner.restore(
-                str(sweep_dir), trainable, resume_unfinished=True, resume_errored=False
+                str(sweep_dir), trainable, resume_unfinished=True, resume_errored=True
             )
         else:
             tuner = _build_tuner(space, record, trainable, SweepProgress(sweep, space.trial_count))
@@ -701,24 +703,34 @@ def _report(
     if record.get("optuna_storage") and not interrupted:
         _close_orphan_study_trials(record)
     model_name = f"{record['name']}-pareto"
-    versions = tracking.register_models(
-        sweep,
-        model_name,
-        [
-            (r["run_id"], {"sweep_id": record["sweep_id"], "ray_trial_id": r["trial"]})
-            for r in front
-            if r["run_id"]
-        ],
-    )
     table = pareto_table(front)
-    tracking.end_sweep(
-        sweep,
-        status="KILLED" if interrupted else "FINISHED" if count["finished"] else "FAILED",
-        metrics={f"trials_{o}": n for o, n in count.items()}
-        | {"pareto_size": len(front), "sweep_seconds": seconds},
-        files={"pareto.md": table + "\n", "pareto.json": json.dumps(front, indent=2)},
-        tags={"bdat_ray.environment_keys": json.dumps(environment)},
-    )
+    try:
+        versions = tracking.register_models(
+            sweep,
+            model_name,
+            [
+                (r["run_id"], {"sweep_id": record["sweep_id"], "ray_trial_id": r["trial"]})
+                for r in front
+                if r["run_id"]
+            ],
+        )
+        tracking.end_sweep(
+            sweep,
+            status="KILLED" if interrupted else "FINISHED" if count["finished"] else "FAILED",
+            metrics={f"trials_{o}": n for o, n in count.items()}
+            | {"pareto_size": len(front), "sweep_seconds": seconds},
+            files={"pareto.md": table + "\n", "pareto.json": json.dumps(front, indent=2)},
+            tags={"bdat_ray.environment_keys": json.dumps(environment)},
+        )
+    except Exception as err:  # the store went away during the sweep
+        versions = []
+        interrupted = True  # not recorded: --resume records it (and continues failed trials)
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else repr(err)
+        print(
+            f"warning: MLflow at {tracking.redact(uri)} did not answer at the end "
+            f"({tracking.redact(reason)}); the sweep is not recorded there",
+            file=sys.stderr,
+        )
     summary = ", ".join(f"{n} {o}" for o, n in count.items() if n)
     print(f"\n{summary} of {space.trial_count} trials; this run took {seconds:.0f} s")
     goals = ", ".join(f"{m} {mode}" for m, mode in space.objectives.items())
