@@ -603,10 +603,13 @@ def _run_tuner(
             )
         else:
             tuner = _build_tuner(space, record, trainable, SweepProgress(sweep, space.trial_count))
-        tuner.fit()
+        grid = tuner.fit()
     finally:
         ray.shutdown()
-    return _report(space, record, sweep, time.perf_counter() - started, uri)
+    # The controller's own trials: the state it saved last can lag one event behind (a
+    # trial that failed past the retry limit is PENDING there, with one failure fewer).
+    trials = grid._experiment_analysis.trials
+    return _report(space, record, sweep, time.perf_counter() - started, uri, trials)
 
 
 def _close_orphan_study_trials(record: dict[str, Any]) -> None:
@@ -626,16 +629,20 @@ def _close_orphan_study_trials(record: dict[str, Any]) -> None:
 # The end: Pareto table, registry, where to look next.
 
 
-def trial_rows(sweep_dir: Path) -> tuple[list[dict[str, Any]], list[str]]:
-    """One row per Ray trial from the experiment's saved state: outcome, metrics, what it
-    trained (attack, threat model, budgets) and its environment group; and the keys that
-    make the groups. Outcomes: finished (reported ``final``), failed, stopped (early, by the
-    scheduler) and unfinished (an interrupted sweep)."""
+def trial_rows(
+    sweep_dir: Path, trials: list[Any] | None = None
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """One row per Ray trial (``trials``: the controller's, else the experiment's saved
+    state): outcome, metrics, what it trained (attack, threat model, budgets) and its
+    environment group; and the keys that make the groups. Outcomes: finished (reported
+    ``final``), failed, stopped (early, by the scheduler) and unfinished (an interrupted
+    sweep)."""
     from ray.tune import ExperimentAnalysis
 
     from bdat_ray.trainable import trial_overrides
 
-    trials = ExperimentAnalysis(str(sweep_dir)).trials
+    if trials is None:
+        trials = ExperimentAnalysis(str(sweep_dir)).trials
     flats = [trial_overrides(t.config) for t in trials]
     environment = environment_keys(flats)
     rows = []
@@ -691,12 +698,17 @@ def pareto_table(front: list[dict[str, Any]]) -> str:
 
 
 def _report(
-    space: SearchSpace, record: dict[str, Any], sweep: Any, seconds: float, uri: str
+    space: SearchSpace,
+    record: dict[str, Any],
+    sweep: Any,
+    seconds: float,
+    uri: str,
+    trials: list[Any] | None = None,
 ) -> int:
     from bdat_ray import tracking
 
     sweep_dir = Path(record["storage"]) / record["sweep_id"]
-    rows, environment = trial_rows(sweep_dir)
+    rows, environment = trial_rows(sweep_dir, trials)
     front = pareto_rows(space, rows)
     count = {o: sum(r["outcome"] == o for r in rows) for o in OUTCOMES}
     interrupted = count["unfinished"] > 0 or len(rows) < space.trial_count

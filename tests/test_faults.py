@@ -151,7 +151,7 @@ def test_a_trial_killed_beyond_the_retry_limit_counts_as_failed(tmp_path):
 
     space = space_file(
         tmp_path,
-        "fixed:\n  train.epochs: 40\ndimensions:\n  train.seed: {grid: [0]}\n",
+"fixed:\n  train.epochs: 40\ndimensions:\n  train.seed: {grid: [0]}\n",
         "doomed",
     )
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"

@@ -65,8 +65,13 @@ def tracking_uri(uri: str):
 
 
 def space_file(directory: Path, body: str, name: str) -> Path:
+    """TINY's fixed keys under the body's own (a space file may hold ``fixed`` only once)."""
+    import yaml
+
+    doc = yaml.safe_load(textwrap.dedent(body)) or {}
+    doc["fixed"] = {**yaml.safe_load(TINY)["fixed"], **(doc.get("fixed") or {})}
     path = directory / f"{name}.yaml"
-    path.write_text(textwrap.dedent(TINY) + textwrap.dedent(body))
+    path.write_text(yaml.safe_dump(doc, sort_keys=False, allow_unicode=True))
     return path
 
 
