@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import os
 import pickle
+import shutil
 import signal
 import sqlite3
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -20,6 +22,7 @@ import torch
 
 from tests.test_sweep import (  # noqa: F401 (mlflow_server is a fixture)
     clean_env,
+    epochs_logged,
     mlflow_runs,
     mlflow_server,
     run_cli,
@@ -151,7 +154,7 @@ def test_a_trial_killed_beyond_the_retry_limit_counts_as_failed(tmp_path):
 
     space = space_file(
         tmp_path,
-"fixed:\n  train.epochs: 40\ndimensions:\n  train.seed: {grid: [0]}\n",
+        "fixed:\n  train.epochs: 40\ndimensions:\n  train.seed: {grid: [0]}\n",
         "doomed",
     )
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -291,6 +294,97 @@ def test_the_password_of_the_tracking_uri_appears_nowhere(tmp_path, mlflow_serve
     assert not leaks, leaks
     assert list(ray_tmp.rglob("worker-*.out")), "no worker logs were searched"
     _, parents, children = mlflow_runs(mlflow_server["url"], "secret")
+    assert len(parents) == 1 and len(children) == 1
     for run in [*parents, *children]:
         values = [*run.data.params.values(), *run.data.tags.values()]
         assert not [v for v in values if secret in v], run.info.run_name
+    shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# The MLflow server lost mid-sweep: said so, no crash; --resume finishes every trial.
+
+
+def _serve(work: Path, port: int) -> subprocess.Popen:
+    """``mlflow server`` on 127.0.0.1:``port`` over ``work/server.db``, once it answers."""
+    server = subprocess.Popen(
+        [
+            str(Path(sys.executable).parent / "mlflow"),
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--backend-store-uri",
+            f"sqlite:///{work / 'server.db'}",
+            "--artifacts-destination",
+            str(work / "server-artifacts"),
+            "--workers",
+            "1",
+        ],
+        stdout=(work / "server.log").open("a"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+    )
+    deadline = time.time() + 120
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
+                return server
+        except OSError:
+            assert server.poll() is None and time.time() < deadline, work / "server.log"
+            time.sleep(0.5)
+
+
+def _stop(server: subprocess.Popen) -> None:
+    os.killpg(server.pid, signal.SIGKILL)
+    server.wait(timeout=30)
+
+
+def test_mlflow_lost_mid_sweep_is_reported_and_resume_finishes_every_trial(tmp_path):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    server = _serve(tmp_path, port)
+    space = space_file(
+        tmp_path,
+        "fixed:\n  train.epochs: 6\ndimensions:\n  train.seed: {grid: [0, 1]}\nmax_concurrent: 1\n",
+        "lost",
+    )
+    args = ["--space", str(space), "--mlflow-uri", url, "--storage", "out"]
+    # One retry per MLflow request instead of the sweep's three: the outage is the same,
+    # the test waits less for each trial to give up.
+    quick = clean_env(MLFLOW_HTTP_REQUEST_MAX_RETRIES="1", MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR="1")
+    driver, log = start_driver(args, tmp_path, quick)
+    try:
+        wait_for_children(
+            driver,
+            log,
+            url,
+            "lost",
+            lambda client, children: any(epochs_logged(client, c) for c in children),
+        )
+    finally:
+        _stop(server)
+    code = driver.wait(timeout=600)
+    text = log.read_text()
+    assert code == 130, text[-3000:]  # not recorded: resumable, not "done"
+    assert f"MLflow at {url} did not answer" in text, text[-3000:]
+    assert "resume     python -m bdat_ray.sweep --resume" in text
+
+    server = _serve(tmp_path, port)
+    try:
+        proc = run_cli(["--resume", "--storage", "out", "--mlflow-uri", url], tmp_path)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+        client, (parent,), children = mlflow_runs(url, "lost")
+        assert parent.info.status == "FINISHED"
+        assert parent.data.metrics["trials_finished"] == 2
+        assert len(children) == 2 and all(c.info.status == "FINISHED" for c in children)
+        for child in children:
+            assert epochs_logged(client, child) == [1, 2, 3, 4, 5, 6]
+    finally:
+        _stop(server)
