@@ -24,8 +24,9 @@ from analysis.plots import budget_plot, hypervolume_plot, pareto_plot
 from analysis.tables import tables, to_frame, to_markdown
 from bdat_ray.cli import Parser, main_guard
 from bdat_ray.config import ConfigError
+from bdat_ray.preflight import check_tracking_uri, writable_dir
 from bdat_ray.sweep import NAME_CHARS
-from bdat_ray.tracking import redact
+from bdat_ray.tracking import redact, resolve_tracking_uri
 
 
 def parser() -> argparse.ArgumentParser:
@@ -125,6 +126,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if args.sweep is not None and not set(args.sweep) <= NAME_CHARS:
         raise ConfigError("--sweep", f"sweep ids are NAME-YYYYmmdd-HHMMSS; got {args.sweep!r}")
+    if args.out is not None:
+        writable_dir("--out", args.out)
+    key = "--mlflow-uri" if args.mlflow_uri else "MLFLOW_TRACKING_URI"
+    check_tracking_uri(key, resolve_tracking_uri(args.mlflow_uri), reach=False)
     # A report is interactive: an unreachable server should fail in seconds, not retry for
     # minutes (MLflow's default backs off 7 times).
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
@@ -147,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
             f"sweep {sweep.sweep_id} (experiment {sweep.experiment}) has no finished trials "
             f"({counts}); nothing to plot — pick another with --sweep or --experiment",
         )
-    out = args.out or Path("reports") / sweep.sweep_id
+    out = writable_dir("--out", args.out or Path("reports") / sweep.sweep_id)
     print(
         f"report     {sweep.sweep_id} (experiment {sweep.experiment}): "
         + ", ".join(f"{n} {o}" for o, n in outcomes.items())

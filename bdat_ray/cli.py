@@ -15,7 +15,12 @@ EXIT_BAD_INPUT = 2
 
 
 def fail(message: str) -> NoReturn:
-    print(f"error: {message}", file=sys.stderr)
+    from bdat_ray.preflight import mask_secrets
+
+    # One line, whatever the message quoted (a YAML error, an exception text), and never a
+    # password from a URI in it.
+    line = " ".join(mask_secrets(message).split())
+    print(f"error: {line}", file=sys.stderr)
     raise SystemExit(EXIT_BAD_INPUT)
 
 

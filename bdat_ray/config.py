@@ -16,6 +16,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import math
 import re
 import types
 import typing
@@ -42,6 +43,10 @@ from bdat_ray.threats import THREATS
 # and defenses declare their own sections beside their code (`with_plugin_sections`).
 
 THREAT_NAMES = tuple(THREATS)
+#: Seeds are scaled and offset (e.g. ``seed * 1000 + offset`` per generator) and must stay
+#: within torch's and numpy's 64-bit seed range: [0, 2^31 - 1] leaves room for that.
+SEED_MAX = 2**31 - 1
+MAX_WIDTH = 64
 
 
 @dataclass(frozen=True)
@@ -72,7 +77,10 @@ class ModelConfig:
         choices=registry_names("bdat_ray.models", "MODELS"),
     )
     width: float = option(
-        1.0, "channel width multiplier (Weng et al. Table 4 doubles it)", check=above(0)
+        1.0,
+        "channel width multiplier (Weng et al. Table 4 doubles it)",
+        # Beyond 64x a small CNN alone exhausts memory (and 1e300 overflows the layer sizes).
+        check=lambda v: above(0)(v) or (None if v <= MAX_WIDTH else f"must be ≤ {MAX_WIDTH}"),
     )
     norm: str = option(
         "batch", "normalisation layers (group for DPSGD, CAT paper §4)", choices=("batch", "group")
@@ -105,7 +113,9 @@ class TrainConfig:
         "0.002·Σ l2_loss(W) = 0.002·Σ ½‖W‖² is weight_decay 2e-3)",
         check=at_least(0),
     )
-    seed: int = option(0, "seed of weights, data order, augmentation and attack starts")
+    seed: int = option(
+        0, "seed of weights, data order, augmentation and attack starts", check=within(0, SEED_MAX)
+    )
     crop_padding: int = option(
         4,
         "zero padding before the random crop (CAT paper / standard CIFAR: 4; Weng et al.'s "
@@ -189,7 +199,9 @@ class AttackKeys:
         unit="px",
         check=at_least(0),
     )
-    seed: int = option(0, "seed of the poisoned-index draw and of random triggers")
+    seed: int = option(
+        0, "seed of the poisoned-index draw and of random triggers", check=within(0, SEED_MAX)
+    )
 
 
 @dataclass(frozen=True)
@@ -436,8 +448,10 @@ def parse_value(key: str, raw: Any) -> Any:
         return None
     try:
         value = _coerce(base, raw)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise ConfigError(key, f"must be {_describe_type(tp)}; got {raw!r}") from None
+    if problem := _representable(value):
+        raise ConfigError(key, f"{problem}; got {raw!r}")
     choices = spec.allowed_choices()
     if choices is not None and value not in choices:
         close = difflib.get_close_matches(str(value), choices, n=1)
@@ -447,6 +461,20 @@ def parse_value(key: str, raw: Any) -> Any:
         unit = f" ({spec.unit})" if spec.unit else ""
         raise ConfigError(key, f"{problem}{unit}; got {raw!r}")
     return value
+
+
+#: Integers travel through torch, numpy and MLflow as signed 64-bit values.
+INT64 = (-(2**63), 2**63 - 1)
+
+
+def _representable(value: Any) -> str | None:
+    """Why a parsed number cannot work anywhere downstream: ``inf``/``1e999``/NaN budgets and
+    rates, or integers beyond int64 (seeds, sizes), which torch and numpy refuse mid-run."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return "must be a finite number"
+    if isinstance(value, int) and not isinstance(value, bool) and not INT64[0] <= value <= INT64[1]:
+        return "must fit in a signed 64-bit integer"
+    return None
 
 
 def _coerce(base: type, raw: Any) -> Any:
@@ -493,10 +521,10 @@ def flatten(mapping: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     flat: dict[str, Any] = {}
     for name, value in mapping.items():
         key = f"{prefix}{name}"
-        if isinstance(value, Mapping):
-            flat.update(flatten(value, f"{key}."))
-        else:
-            flat[key] = value
+        inner = flatten(value, f"{key}.") if isinstance(value, Mapping) else {key: value}
+        for twice in inner.keys() & flat.keys():  # ``at: {eps: 1}`` beside ``at.eps: 2``
+            raise ConfigError(twice, "is given twice (nested and as a dotted key); keep one")
+        flat.update(inner)
     return flat
 
 
@@ -536,15 +564,10 @@ def parse_overrides(pairs: Iterable[str]) -> dict[str, str]:
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
-    import yaml
+    from bdat_ray.safe_yaml import read_yaml
 
     file = Path(path)
-    if not file.is_file():
-        raise ConfigError("--config", f"no such file: {file}")
-    try:
-        content = yaml.safe_load(file.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError("--config", f"{file} is not valid YAML: {err}".splitlines()[0]) from None
+    content = read_yaml(file, "--config") or {}
     if not isinstance(content, Mapping):
         raise ConfigError("--config", f"{file} must hold a mapping of keys to values")
     return flatten(content)

@@ -197,6 +197,14 @@ def prepare(cfg: Config, data: ImageData | None = None) -> Prepared:
     )
 
 
+def check_data(cfg: Config, data: ImageData) -> None:
+    """The dataset-dependent checks of `prepare` (target class, trigger size, colour-only
+    triggers, class counts) without poisoning or training anything: a sweep runs them for
+    every planned trial before it starts. Raises `ConfigError` naming the key."""
+    context = poison_context(cfg, torch.device("cpu"))
+    BACKDOORS[cfg.attack.name](cfg.attack, context).check_data(data)
+
+
 def poison_context(cfg: Config, device: torch.device) -> PoisonContext:
     """What an attack may use from the run: its architecture, device, this engine's
     `train_auxiliary` for surrogates, and the run's adversarial training (its set ``at.*``

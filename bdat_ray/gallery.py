@@ -21,6 +21,11 @@ import numpy as np
 from bdat_ray.backdoors.pictures import attack_mosaic, panel_title, save_gallery
 from bdat_ray.cli import config_parser, main_guard
 from bdat_ray.config import ConfigError
+from bdat_ray.preflight import writable_file
+
+MAX_IMAGES = 64
+#: Keys every attack shares: an error in one of them is bad input, not an attack's "n/a".
+SHARED_KEYS = ("attack.target",)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -43,6 +48,9 @@ def main(argv: list[str] | None = None) -> int:
     unknown = sorted(set(names) - set(BACKDOORS))
     if unknown:
         raise ConfigError("--attacks", f"unknown {unknown}; choose from {', '.join(BACKDOORS)}")
+    if not 1 <= args.n <= MAX_IMAGES:
+        raise ConfigError("--n", f"images per attack must be in [1, {MAX_IMAGES}]; got {args.n}")
+    writable_file("--out", args.out)
     base = build_config(None, args.overrides)
     clean = load_dataset(base.data)
     context = poison_context(base, resolve_device(base.device))
@@ -53,6 +61,8 @@ def main(argv: list[str] | None = None) -> int:
             attack = BACKDOORS[name](cfg.attack, context)
             poisoned = attack.illustration(clean)
         except ConfigError as err:
+            if err.key in SHARED_KEYS:  # wrong for every attack: the user's mistake
+                raise
             panels.append((name, f"n/a on {clean.name}: {err}"))
             continue
         flat = {**cfg.to_flat(), **attack.resolved_keys()}

@@ -16,7 +16,8 @@ import sys
 from pathlib import Path
 
 from bdat_ray.cli import config_parser, main_guard
-from bdat_ray.config import build_config
+from bdat_ray.config import Config, ConfigError, build_config
+from bdat_ray.preflight import writable_dir, writable_file
 
 
 def parser() -> argparse.ArgumentParser:
@@ -38,18 +39,47 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def _check_resumable(checkpoint: Path, cfg: Config) -> None:
+    """``--resume`` continues a checkpoint of this very config, or refuses; it never quietly
+    trains from scratch."""
+    from bdat_ray.engine import CHECKPOINT_FILE, load_state
+
+    file = checkpoint / CHECKPOINT_FILE
+    if not file.is_file():
+        raise ConfigError(
+            "--resume", f"no checkpoint at {file}; a run with --workdir writes one every epoch"
+        )
+    try:
+        state = load_state(checkpoint)
+        written_by = state["config_hash"]
+    except Exception as err:  # truncated, empty, not a torch file, or not ours
+        raise ConfigError(
+            "--resume", f"{file} is not a readable checkpoint ({type(err).__name__})"
+        ) from None
+    if written_by != cfg.hash():
+        raise ConfigError("--resume", f"{file} was written by a run with another config")
+
+
 @main_guard
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     cfg = build_config(args.config, args.overrides)
     if args.resume and not args.workdir:
-        from bdat_ray.config import ConfigError
-
         raise ConfigError("--resume", "needs --workdir DIR holding the interrupted run")
-    from bdat_ray.engine import fit
+    if args.output:
+        writable_file("--output", args.output)
+    if args.workdir:
+        writable_dir("--workdir", args.workdir)
+    from bdat_ray.engine import TrainingDiverged, fit
 
     resume_from = args.workdir / "checkpoint" if args.resume else None
-    result = fit(cfg, workdir=args.workdir, resume_from=resume_from, progress=not args.quiet)
+    if resume_from is not None:
+        _check_resumable(resume_from, cfg)
+    try:
+        result = fit(cfg, workdir=args.workdir, resume_from=resume_from, progress=not args.quiet)
+    except TrainingDiverged as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     summary = result.to_dict()
     text = json.dumps(summary)
     if args.output:

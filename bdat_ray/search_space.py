@@ -48,7 +48,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from bdat_ray.config import ConfigError, flatten, from_flat, leaf, parse_value
+from bdat_ray.config import INT64, ConfigError, flatten, from_flat, leaf, parse_value
 
 #: Metrics a trial reports at the end (percent, seconds, images/s); objectives pick from these.
 METRICS = (
@@ -88,6 +88,9 @@ VARIANT_SECTIONS = ("name", "fixed", "dimensions")
 DEFAULT_OBJECTIVES = {"acc": "max", "asr": "min"}
 #: Optuna's TPE learns only from finished trials: too many in flight makes it random search.
 DEFAULT_OPTUNA_CONCURRENCY = 4
+INT64_MAX = INT64[1]
+#: Optuna's samplers seed numpy, which takes 32-bit seeds.
+SAMPLER_SEED_MAX = 2**32 - 1
 #: Cross-key validation checks at most this many representative trial configs.
 VALIDATION_LIMIT = 2000
 
@@ -334,16 +337,10 @@ class OptunaSpace:
 
 def load_space(path: str | Path) -> SearchSpace:
     """Parse and validate a space file; raises `ConfigError` naming the file and the key."""
-    import yaml
+    from bdat_ray.safe_yaml import read_yaml
 
-    file = Path(path)
     where = str(path)
-    if not file.is_file():
-        raise ConfigError("--space", f"no such file: {file}")
-    try:
-        content = yaml.safe_load(file.read_text())
-    except yaml.YAMLError as err:
-        raise ConfigError(where, f"not valid YAML: {err}".splitlines()[0]) from None
+    content = read_yaml(path, "--space")
     if not isinstance(content, Mapping):
         raise ConfigError(where, "a search space is a mapping of sections: " + ", ".join(SECTIONS))
     unknown = [k for k in content if k not in SECTIONS]
@@ -353,13 +350,14 @@ def load_space(path: str | Path) -> SearchSpace:
         )
     space = SearchSpace(
         path=where,
-        description=str(content.get("description") or "").strip(),
+        description=_parse_description(where, content.get("description")),
         fixed=_parse_fixed(where, content.get("fixed") or {}),
         objectives=_parse_objectives(where, content.get("objectives", DEFAULT_OBJECTIVES)),
         num_samples=_optional_int(where, "num_samples", content.get("num_samples")),
         max_concurrent=_optional_int(where, "max_concurrent", content.get("max_concurrent")),
         early_stopping=_parse_early_stopping(where, content.get("early_stopping")),
-        seed=_optional_int(where, "seed", content.get("seed"), minimum=0) or 0,
+        seed=_optional_int(where, "seed", content.get("seed"), minimum=0, maximum=SAMPLER_SEED_MAX)
+        or 0,
         **_parse_resources(where, content.get("resources") or {}),
     )
     dims = _parse_dimensions(where, "dimensions", space.fixed, content.get("dimensions"), [])
@@ -368,6 +366,12 @@ def load_space(path: str | Path) -> SearchSpace:
     _check_settings(space, where)
     _check_configs(space)
     return space
+
+
+def _parse_description(where: str, raw: Any) -> str:
+    if raw is not None and not isinstance(raw, str):
+        raise ConfigError(f"{where}: description", f"must be text; got {type(raw).__name__}")
+    return (raw or "").strip()
 
 
 def _parse_fixed(where: str, raw: Any, section: str = "fixed") -> dict[str, Any]:
@@ -553,9 +557,11 @@ def _parse_early_stopping(where: str, raw: Any) -> EarlyStopping | None:
     rule = EarlyStopping(**raw)
     if rule.metric not in METRICS or rule.mode not in ("max", "min"):
         raise ConfigError(at, f"metric is one of {', '.join(METRICS)} and mode max or min")
-    if not isinstance(rule.grace_period, int) or rule.grace_period < 1:
+    grace = rule.grace_period
+    if isinstance(grace, bool) or not isinstance(grace, int) or not 1 <= grace <= INT64_MAX:
         raise ConfigError(f"{at}.grace_period", "must be an integer ≥ 1 (epochs)")
-    if not isinstance(rule.reduction_factor, int | float) or rule.reduction_factor <= 1:
+    factor = rule.reduction_factor
+    if isinstance(factor, bool) or not isinstance(factor, int | float) or not 1 < factor < math.inf:
         raise ConfigError(f"{at}.reduction_factor", "must be a number > 1")
     return rule
 
@@ -578,21 +584,48 @@ def _resource(key: str, value: Any, *, allow_zero: bool) -> float:
     return float(value)
 
 
-def _optional_int(where: str, key: str, value: Any, minimum: int = 1) -> int | None:
+def _optional_int(
+    where: str, key: str, value: Any, minimum: int = 1, maximum: int | None = None
+) -> int | None:
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"{where}: {key}", f"must be an integer ≥ {minimum}; got {value!r}")
+    maximum = MAX_TRIALS if maximum is None else maximum
+    if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= maximum:
+        raise ConfigError(
+            f"{where}: {key}", f"must be an integer ≥ {minimum} and ≤ {maximum}; got {value!r}"
+        )
     return value
 
 
 def _positive_int(key: str, value: int) -> int:
-    if value < 1:
-        raise ConfigError(key, f"must be ≥ 1; got {value}")
+    if not 1 <= value <= MAX_TRIALS:
+        raise ConfigError(key, f"must be ≥ 1 and ≤ {MAX_TRIALS}; got {value}")
     return value
 
 
+#: Trials one sweep may plan: beyond it, listing the grid alone exhausts memory.
+MAX_TRIALS = 100_000
+
+
+def _check_size(space: SearchSpace, where: str) -> None:
+    """Refuse a space whose grid (or ``num_samples``) is larger than `MAX_TRIALS` before
+    anything expands it: the product of the grid sizes bounds the number of grid points."""
+    if space.samples > MAX_TRIALS:
+        raise ConfigError(f"{where}: num_samples", f"must be ≤ {MAX_TRIALS}; got {space.samples}")
+    if space.mode != GRID:
+        return
+    bound = space.samples * sum(
+        math.prod(len(d.values) for d in branch.dimensions) for branch in space.branches()
+    )
+    if bound > MAX_TRIALS:
+        raise ConfigError(
+            f"{where}: dimensions",
+            f"the grid has up to {bound} trials; at most {MAX_TRIALS} (sample it with Optuna)",
+        )
+
+
 def _check_settings(space: SearchSpace, where: str) -> None:
+    _check_size(space, where)
     for branch in space.branches():
         kinds = {d.kind for d in branch.dimensions}
         if GRID in kinds and kinds != {GRID}:
@@ -625,19 +658,33 @@ def _check_configs(space: SearchSpace) -> None:
     or for sampled spaces every combination of choices with each range at both bounds. Spaces
     with more than `VALIDATION_LIMIT` combinations are checked on a fixed-seed sample of them
     (of the first 50 000 in file order); every single value was already checked on parsing."""
+    check_points(space, from_flat)
+
+
+def representative_points(space: SearchSpace) -> Iterator[tuple[SearchSpace, dict[str, Any]]]:
+    """(branch, swept values) of the trial configs that stand for the space in validation:
+    every grid point, or every combination of choices with each range at both bounds; a
+    fixed-seed sample of `VALIDATION_LIMIT` of them (of the first 50 000) when there are more."""
     for branch in space.branches():
         combos = list(itertools.islice(_expand(branch, Dimension.representatives), 50_000))
         if len(combos) > VALIDATION_LIMIT:
             combos = random.Random(0).sample(combos, VALIDATION_LIMIT)
         for combo in combos:
-            try:
-                from_flat({**branch.fixed, **combo})
-            except ConfigError as err:
-                pins = {k: v for k, v in branch.fixed.items() if k not in space.fixed}
-                trial = ", ".join(f"{k}={show_value(v)}" for k, v in {**pins, **combo}.items())
-                raise ConfigError(
-                    f"{space.path}: {err.key}", f"{err.message} (for {trial or 'fixed keys'})"
-                ) from None
+            yield branch, combo
+
+
+def check_points(space: SearchSpace, check: Callable[[dict[str, Any]], Any]) -> None:
+    """Run ``check(flat config)`` on every representative trial; a `ConfigError` comes back
+    naming the file, the key and the trial it was found in."""
+    for branch, combo in representative_points(space):
+        try:
+            check({**branch.fixed, **combo})
+        except ConfigError as err:
+            pins = {k: v for k, v in branch.fixed.items() if k not in space.fixed}
+            trial = ", ".join(f"{k}={show_value(v)}" for k, v in {**pins, **combo}.items())
+            raise ConfigError(
+                f"{space.path}: {err.key}", f"{err.message} (for {trial or 'fixed keys'})"
+            ) from None
 
 
 # ---------------------------------------------------------------------------------------------

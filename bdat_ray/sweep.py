@@ -15,6 +15,7 @@ multi-objective search (`trainable.FinalOnlyOptunaSearch`) whose study lives in
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import logging
@@ -24,14 +25,17 @@ import string
 import sys
 import time
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from bdat_ray.cli import config_parser, main_guard
 from bdat_ray.config import ConfigError, from_flat, parse_overrides
+from bdat_ray.preflight import check_tracking_uri, writable_dir
 from bdat_ray.search_space import (
     GRID,
     SearchSpace,
+    check_points,
     describe_trial,
     environment_group,
     environment_keys,
@@ -203,15 +207,33 @@ def _fresh_sweep_dir(storage: Path, name: str) -> Path:
 
 def find_sweep(storage: Path, name: str | None) -> Path:
     """The most recent sweep in ``storage`` (of sweep name or id ``name`` when given)."""
+    if not storage.is_dir():
+        raise ConfigError("--resume", f"no sweep to resume: {storage} is not a folder")
     records = []
     for path in storage.glob(f"*/{RECORD}"):
-        record = json.loads(path.read_text())
+        record = read_record(path)
         if name in (None, record["name"], record["sweep_id"]):
             records.append((record["created"], path.parent))
     if not records:
         which = f" named {name}" if name else ""
         raise ConfigError("--resume", f"no sweep{which} in {storage}")
     return max(records)[1]
+
+
+#: What `--resume` needs from a sweep record (written once MLflow and the folder exist).
+RECORD_KEYS = ("name", "sweep_id", "created", "overrides", "settings", "storage", "parent_run_id")
+
+
+def read_record(path: Path) -> dict[str, Any]:
+    """A sweep's ``sweep.json``; a truncated, empty or foreign one is a `ConfigError`."""
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ConfigError("--resume", f"{path} is not a readable sweep record ({err})") from None
+    missing = [k for k in RECORD_KEYS if not isinstance(record, dict) or k not in record]
+    if missing:
+        raise ConfigError("--resume", f"{path} is not a sweep record (no {missing[0]})")
+    return record
 
 
 # ---------------------------------------------------------------------------------------------
@@ -343,7 +365,7 @@ def _new_sweep(args: argparse.Namespace, storage: Path) -> tuple[SearchSpace, di
         cpus=args.cpus_per_trial,
         gpus=args.gpus_per_trial,
     )
-    name = _check_name(args.name or space.name)
+    name = _check_name(space.name if args.name is None else args.name)
     record = {
         "name": name,
         "space": str(Path(space.path).resolve()),
@@ -374,7 +396,7 @@ def _resumed_sweep(args: argparse.Namespace, storage: Path) -> tuple[SearchSpace
     if given:
         raise ConfigError("--resume", f"continues with the sweep's own settings; drop {given[0]}")
     sweep_dir = find_sweep(storage, args.name or (args.space and args.space.stem))
-    record = json.loads((sweep_dir / RECORD).read_text())
+    record = read_record(sweep_dir / RECORD)
     space = load_space(sweep_dir / "space.yaml").with_overrides(record["overrides"])
     return space.with_settings(**record["settings"]), record
 
@@ -384,9 +406,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     from bdat_ray import tracking
 
-    storage = args.storage.expanduser().resolve()
+    storage = writable_dir("--storage", args.storage.expanduser().resolve())
     space, record = _resumed_sweep(args, storage) if args.resume else _new_sweep(args, storage)
     uri = tracking.resolve_tracking_uri(args.mlflow_uri)
+    uri_key = "--mlflow-uri" if args.mlflow_uri else "MLFLOW_TRACKING_URI"
+    check_tracking_uri(uri_key, uri, reach=not args.dry_run)
     print(plan_text(space, record.get("sweep_id", record["name"])), flush=True)
     if args.dry_run:
         if space.mode == GRID:
@@ -405,10 +429,12 @@ def run_sweep(space: SearchSpace, record: dict[str, Any], uri: str, *, resume: b
     # is silent at verbose=0 and SweepProgress prints the lines people read.
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    _bound_mlflow_retries()
     _quiet_libraries()
     from bdat_ray import tracking
 
     data = _shared_data(space)  # a missing dataset fails here, before Ray or MLflow start
+    check_against_data(space, data)
     storage = Path(record["storage"])
     if resume:
         sweep_dir = storage / record["sweep_id"]
@@ -422,45 +448,134 @@ def run_sweep(space: SearchSpace, record: dict[str, Any], uri: str, *, resume: b
         sweep = tracking.reopen_sweep(uri, record["parent_run_id"], record["sweep_id"])
         print(f"resuming   {sweep_dir}", flush=True)
     else:
-        sweep_dir = _fresh_sweep_dir(storage, record["name"])
-        record["sweep_id"] = sweep_dir.name
-        shutil.copyfile(space.path, sweep_dir / "space.yaml")
-        record["optuna_storage"] = str(sweep_dir / "optuna.db") if space.mode != GRID else None
-        sweep = tracking.start_sweep(
-            uri,
-            experiment=record["name"],
-            sweep_id=record["sweep_id"],
-            space_file=Path(space.path),
-            params={
-                "space": Path(space.path).name,
-                "search": space.mode,
-                "trials": space.trial_count,
-                "num_samples": space.samples,
-                "max_concurrent": space.concurrency,
-                "cpus_per_trial": space.cpus,
-                "gpus_per_trial": space.gpus,
-                "objectives": ",".join(f"{k}:{v}" for k, v in space.objectives.items()),
-                "early_stopping": space.early_stopping,
-                "sampler_seed": space.seed if space.mode != GRID else None,
-                "overrides": " ".join(f"{k}={v}" for k, v in record["overrides"].items()),
-            },
-            tags={
-                "bdat_ray.space_hash": space_hash(space),
-                "bdat_ray.ray_experiment_dir": str(sweep_dir),
-                "bdat_ray.optuna_storage": record["optuna_storage"] or "",
-                "bdat_ray.optuna_study": record["sweep_id"] if record["optuna_storage"] else "",
-            },
-        )
-        record |= {
-            "parent_run_id": sweep.parent_run_id,
-            "experiment_id": sweep.experiment_id,
-            "tracking_uri": tracking.redact(uri),
-            "mode": space.mode,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        }
-        (sweep_dir / RECORD).write_text(json.dumps(record, indent=2))
+        with _removed_on_failure(storage, uri) as made:
+            sweep_dir = _fresh_sweep_dir(storage, record["name"])
+            made.append(sweep_dir)
+            sweep = _start_tracking(space, record, uri, sweep_dir)
     print(f"sweep id   {record['sweep_id']}  (MLflow {tracking.redact(uri)})", flush=True)
+    try:
+        return _run_tuner(space, record, sweep, sweep_dir, data, uri, resume=resume)
+    except BaseException as err:
+        # Whatever stops the driver from here on (a crashed controller, MLflow gone at the
+        # end, a second Ctrl-C) must not leave the parent run RUNNING for ever.
+        interrupted = isinstance(err, KeyboardInterrupt)
+        tracking.abandon_sweep(sweep, "KILLED" if interrupted else "FAILED", repr(err))
+        raise
 
+
+def _bound_mlflow_retries() -> None:
+    """MLflow retries an unreachable server 7 times with backoff (about 4 minutes, in
+    silence) per request; a sweep's driver and trials (which inherit these) give up after
+    3 tries of at most 30 s each and say so (the store was checked to answer at start)."""
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+    # MLflow prints "View run ... at: URL" on stdout for every run it ends; ours prints
+    # where to look once, without credentials.
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+
+
+def check_against_data(space: SearchSpace, data: Any) -> None:
+    """Every planned trial (grid points, or an Optuna space's representatives) checked
+    against its dataset's shape and classes (`engine.check_data`: target class, trigger
+    size, colour-only triggers, class counts) before Ray or MLflow start, instead of every
+    trial failing after. Trials that sweep ``data.*`` keys load each dataset once here."""
+    from bdat_ray.data import load_dataset
+    from bdat_ray.engine import check_data
+
+    loaded: dict[str, Any] = {}
+
+    def check(flat: dict[str, Any]) -> None:
+        cfg = from_flat(flat)
+        if data is not None:
+            check_data(cfg, data)
+            return
+        key = repr(cfg.data)
+        if key not in loaded:
+            loaded[key] = load_dataset(cfg.data)
+        check_data(cfg, loaded[key])
+
+    check_points(space, check)
+
+
+@contextlib.contextmanager
+def _removed_on_failure(storage: Path, uri: str) -> Iterator[list[Path]]:
+    """Folders made inside the block (appended to the list it yields), and ``storage`` if
+    the block created it, are removed again when the block fails: a sweep that could not
+    start leaves nothing behind. A failure to reach MLflow becomes a one-line error."""
+    from bdat_ray.tracking import redact
+
+    existed = storage.exists()
+    made: list[Path] = []
+    try:
+        yield made
+    except BaseException as err:
+        for path in made:
+            shutil.rmtree(path, ignore_errors=True)
+        if not existed:
+            shutil.rmtree(storage, ignore_errors=True)
+        if isinstance(err, ConfigError | KeyboardInterrupt):
+            raise
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise ConfigError(
+            "--mlflow-uri",
+            f"cannot start the sweep's parent run in {redact(uri)}: {type(err).__name__}: {first}",
+        ) from None
+
+
+def _start_tracking(space: SearchSpace, record: dict[str, Any], uri: str, sweep_dir: Path) -> Any:
+    """The new sweep's parent run and its ``sweep.json`` (written last: a folder without
+    one is a sweep that never started)."""
+    from bdat_ray import tracking
+
+    record["sweep_id"] = sweep_dir.name
+    shutil.copyfile(space.path, sweep_dir / "space.yaml")
+    record["optuna_storage"] = str(sweep_dir / "optuna.db") if space.mode != GRID else None
+    sweep = tracking.start_sweep(
+        uri,
+        experiment=record["name"],
+        sweep_id=record["sweep_id"],
+        space_file=Path(space.path),
+        params={
+            "space": Path(space.path).name,
+            "search": space.mode,
+            "trials": space.trial_count,
+            "num_samples": space.samples,
+            "max_concurrent": space.concurrency,
+            "cpus_per_trial": space.cpus,
+            "gpus_per_trial": space.gpus,
+            "objectives": ",".join(f"{k}:{v}" for k, v in space.objectives.items()),
+            "early_stopping": space.early_stopping,
+            "sampler_seed": space.seed if space.mode != GRID else None,
+            "overrides": " ".join(f"{k}={v}" for k, v in record["overrides"].items()),
+        },
+        tags={
+            "bdat_ray.space_hash": space_hash(space),
+            "bdat_ray.ray_experiment_dir": str(sweep_dir),
+            "bdat_ray.optuna_storage": record["optuna_storage"] or "",
+            "bdat_ray.optuna_study": record["sweep_id"] if record["optuna_storage"] else "",
+        },
+    )
+    record |= {
+        "parent_run_id": sweep.parent_run_id,
+        "experiment_id": sweep.experiment_id,
+        "tracking_uri": tracking.redact(uri),
+        "mode": space.mode,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    (sweep_dir / RECORD).write_text(json.dumps(record, indent=2))
+    return sweep
+
+
+def _run_tuner(
+    space: SearchSpace,
+    record: dict[str, Any],
+    sweep: Any,
+    sweep_dir: Path,
+    data: Any,
+    uri: str,
+    *,
+    resume: bool,
+) -> int:
     import ray
     from ray import tune
 
@@ -483,15 +598,20 @@ def run_sweep(space: SearchSpace, record: dict[str, Any], uri: str, *, resume: b
             {"cpu": space.cpus, "gpu": space.gpus},
         )
         if resume:
+            # Errored trials too: one that died or lost MLflow continues from its checkpoint,
+            # one that diverged or had a bad config ends at once (`TrialFailedBefore`).
             tuner = tune.Tuner.restore(
-                str(sweep_dir), trainable, resume_unfinished=True, resume_errored=False
+                str(sweep_dir), trainable, resume_unfinished=True, resume_errored=True
             )
         else:
             tuner = _build_tuner(space, record, trainable, SweepProgress(sweep, space.trial_count))
-        tuner.fit()
+        grid = tuner.fit()
     finally:
         ray.shutdown()
-    return _report(space, record, sweep, time.perf_counter() - started, uri)
+    # The controller's own trials: the state it saved last can lag one event behind (a
+    # trial that failed past the retry limit is PENDING there, with one failure fewer).
+    trials = grid._experiment_analysis.trials
+    return _report(space, record, sweep, time.perf_counter() - started, uri, trials)
 
 
 def _close_orphan_study_trials(record: dict[str, Any]) -> None:
@@ -511,16 +631,20 @@ def _close_orphan_study_trials(record: dict[str, Any]) -> None:
 # The end: Pareto table, registry, where to look next.
 
 
-def trial_rows(sweep_dir: Path) -> tuple[list[dict[str, Any]], list[str]]:
-    """One row per Ray trial from the experiment's saved state: outcome, metrics, what it
-    trained (attack, threat model, budgets) and its environment group; and the keys that
-    make the groups. Outcomes: finished (reported ``final``), failed, stopped (early, by the
-    scheduler) and unfinished (an interrupted sweep)."""
+def trial_rows(
+    sweep_dir: Path, trials: list[Any] | None = None
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """One row per Ray trial (``trials``: the controller's, else the experiment's saved
+    state): outcome, metrics, what it trained (attack, threat model, budgets) and its
+    environment group; and the keys that make the groups. Outcomes: finished (reported
+    ``final``), failed, stopped (early, by the scheduler) and unfinished (an interrupted
+    sweep)."""
     from ray.tune import ExperimentAnalysis
 
     from bdat_ray.trainable import trial_overrides
 
-    trials = ExperimentAnalysis(str(sweep_dir)).trials
+    if trials is None:
+        trials = ExperimentAnalysis(str(sweep_dir)).trials
     flats = [trial_overrides(t.config) for t in trials]
     environment = environment_keys(flats)
     rows = []
@@ -576,36 +700,51 @@ def pareto_table(front: list[dict[str, Any]]) -> str:
 
 
 def _report(
-    space: SearchSpace, record: dict[str, Any], sweep: Any, seconds: float, uri: str
+    space: SearchSpace,
+    record: dict[str, Any],
+    sweep: Any,
+    seconds: float,
+    uri: str,
+    trials: list[Any] | None = None,
 ) -> int:
     from bdat_ray import tracking
 
     sweep_dir = Path(record["storage"]) / record["sweep_id"]
-    rows, environment = trial_rows(sweep_dir)
+    rows, environment = trial_rows(sweep_dir, trials)
     front = pareto_rows(space, rows)
     count = {o: sum(r["outcome"] == o for r in rows) for o in OUTCOMES}
     interrupted = count["unfinished"] > 0 or len(rows) < space.trial_count
     if record.get("optuna_storage") and not interrupted:
         _close_orphan_study_trials(record)
     model_name = f"{record['name']}-pareto"
-    versions = tracking.register_models(
-        sweep,
-        model_name,
-        [
-            (r["run_id"], {"sweep_id": record["sweep_id"], "ray_trial_id": r["trial"]})
-            for r in front
-            if r["run_id"]
-        ],
-    )
     table = pareto_table(front)
-    tracking.end_sweep(
-        sweep,
-        status="KILLED" if interrupted else "FINISHED" if count["finished"] else "FAILED",
-        metrics={f"trials_{o}": n for o, n in count.items()}
-        | {"pareto_size": len(front), "sweep_seconds": seconds},
-        files={"pareto.md": table + "\n", "pareto.json": json.dumps(front, indent=2)},
-        tags={"bdat_ray.environment_keys": json.dumps(environment)},
-    )
+    try:
+        versions = tracking.register_models(
+            sweep,
+            model_name,
+            [
+                (r["run_id"], {"sweep_id": record["sweep_id"], "ray_trial_id": r["trial"]})
+                for r in front
+                if r["run_id"]
+            ],
+        )
+        tracking.end_sweep(
+            sweep,
+            status="KILLED" if interrupted else "FINISHED" if count["finished"] else "FAILED",
+            metrics={f"trials_{o}": n for o, n in count.items()}
+            | {"pareto_size": len(front), "sweep_seconds": seconds},
+            files={"pareto.md": table + "\n", "pareto.json": json.dumps(front, indent=2)},
+            tags={"bdat_ray.environment_keys": json.dumps(environment)},
+        )
+    except Exception as err:  # the store went away during the sweep
+        versions = []
+        interrupted = True  # not recorded: --resume records it (and continues failed trials)
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else repr(err)
+        print(
+            f"warning: MLflow at {tracking.redact(uri)} did not answer at the end "
+            f"({tracking.redact(reason)}); the sweep is not recorded there",
+            file=sys.stderr,
+        )
     summary = ", ".join(f"{n} {o}" for o, n in count.items() if n)
     print(f"\n{summary} of {space.trial_count} trials; this run took {seconds:.0f} s")
     goals = ", ".join(f"{m} {mode}" for m, mode in space.objectives.items())

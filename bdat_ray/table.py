@@ -32,35 +32,62 @@ from pathlib import Path
 from typing import Any
 
 from bdat_ray.cli import Parser, main_guard
-from bdat_ray.config import ConfigError, flatten, from_flat, leaf, parse_overrides
+from bdat_ray.config import ConfigError, flatten, from_flat, parse_overrides
+from bdat_ray.preflight import writable_file
+
+SECTIONS = ("title", "fixed", "rows", "columns", "notes", "metrics")
 
 TABLE_METRICS = ("acc", "asr", "asr_pred", "robust_acc")
 
 
 def load_spec(path: Path) -> dict[str, Any]:
-    import yaml
+    from bdat_ray.safe_yaml import read_yaml
 
-    if not path.is_file():
-        raise ConfigError("SPEC", f"no such file: {path}")
-    spec = yaml.safe_load(path.read_text()) or {}
-    unknown = set(spec) - {"title", "fixed", "rows", "columns", "notes", "metrics"}
-    if unknown or not isinstance(spec.get("rows"), dict):
+    spec = read_yaml(path, "SPEC") or {}
+    if not isinstance(spec, dict):
+        raise ConfigError(str(path), f"a table spec is a mapping of {', '.join(SECTIONS)}")
+    unknown = sorted(set(spec) - set(SECTIONS), key=str)
+    if unknown:
         raise ConfigError(
-            str(path), f"needs rows: {{label: overrides}}; unknown sections {sorted(unknown)}"
+            f"{path}: {unknown[0]}", f"unknown section; allowed: {', '.join(SECTIONS)}"
         )
-    spec.setdefault("columns", {"": {}})
-    spec.setdefault("fixed", {})
+    if not isinstance(spec.get("rows"), dict) or not spec["rows"]:
+        raise ConfigError(f"{path}: rows", "needs rows: {label: overrides}")
+    for section in ("columns", "fixed"):
+        if not isinstance(spec.setdefault(section, {"": {}} if section == "columns" else {}), dict):
+            raise ConfigError(f"{path}: {section}", "must map labels to overrides")
+    for section in ("title", "notes"):
+        if not isinstance(spec.get(section, ""), str):
+            raise ConfigError(f"{path}: {section}", "must be text")
+    for section in ("rows", "columns"):
+        for label, overrides in spec[section].items():
+            if not isinstance(overrides, dict | None):
+                raise ConfigError(f"{path}: {section}.{label}", "must map keys to values")
     spec.setdefault("metrics", ["acc", "asr"])
-    if not set(spec["metrics"]) <= set(TABLE_METRICS):
-        raise ConfigError(f"{path}: metrics", f"must be among {', '.join(TABLE_METRICS)}")
-    for label, overrides in [*spec["rows"].items(), *spec["columns"].items()]:
-        merged = {**flatten(spec["fixed"]), **flatten(overrides or {})}
-        try:  # every key must exist before anything runs
-            for key in merged:
-                leaf(key)
-        except ConfigError as err:
-            raise ConfigError(f"{path}: {label}", str(err)) from None
+    if not isinstance(spec["metrics"], list) or not set(spec["metrics"]) <= set(TABLE_METRICS):
+        raise ConfigError(f"{path}: metrics", f"must be a list among {', '.join(TABLE_METRICS)}")
     return spec
+
+
+def cell_overrides(spec: dict[str, Any], extra: dict[str, Any]) -> dict[tuple[str, str], dict]:
+    """Every cell's flat config, each checked without its dataset (`from_flat`): a bad value
+    in any cell stops the table before the first cell trains."""
+    cells = {}
+    for row, row_over in spec["rows"].items():
+        for col, col_over in spec["columns"].items():
+            flat = {
+                **flatten(spec["fixed"]),
+                **flatten(row_over or {}),
+                **flatten(col_over or {}),
+                **extra,
+            }
+            try:
+                from_flat(flat)
+            except ConfigError as err:
+                cell = " / ".join(str(label) for label in (row, col) if label)
+                raise ConfigError(err.key, f"{err.message} (table cell {cell})") from None
+            cells[row, col] = flat
+    return cells
 
 
 def run_cell(flat: dict[str, Any], data_cache: dict) -> dict[str, Any]:
@@ -160,25 +187,18 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     spec = load_spec(args.spec)
     extra = parse_overrides(args.overrides)
-    out = args.out or args.spec.with_suffix(".md")
+    out = writable_file("--out", args.out or args.spec.with_suffix(".md"))
+    writable_file("--out", out.with_suffix(".json"))
+    planned = cell_overrides(spec, extra)
     command = " ".join(["python -m bdat_ray.table", str(args.spec), *args.overrides])
     cells: dict[tuple[str, str], dict] = {}
     data_cache: dict = {}
     started = time.perf_counter()
     total = len(spec["rows"]) * len(spec["columns"])
-    for i, (row, row_over) in enumerate(spec["rows"].items()):
-        for j, (col, col_over) in enumerate(spec["columns"].items()):
-            flat = {
-                **flatten(spec["fixed"]),
-                **flatten(row_over or {}),
-                **flatten(col_over or {}),
-                **extra,
-            }
-            n = i * len(spec["columns"]) + j + 1
-            print(f"[{n}/{total}] {row} {col}".rstrip() + " ...", file=sys.stderr, flush=True)
-            cells[row, col] = run_cell(flat, data_cache)
-            text = cell_text(cells[row, col], spec["metrics"])
-            print(f"    {text}", file=sys.stderr, flush=True)
+    for n, ((row, col), flat) in enumerate(planned.items(), start=1):
+        print(f"[{n}/{total}] {row} {col}".rstrip() + " ...", file=sys.stderr, flush=True)
+        cells[row, col] = run_cell(flat, data_cache)
+        print(f"    {cell_text(cells[row, col], spec['metrics'])}", file=sys.stderr, flush=True)
     seconds = time.perf_counter() - started
     out.write_text(render(spec, cells, command, seconds, extra))
     raw = {f"{r} | {c}": cell for (r, c), cell in cells.items()}

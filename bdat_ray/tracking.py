@@ -28,7 +28,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 from bdat_ray.config import ConfigError
 from bdat_ray.search_space import METRICS
@@ -54,6 +54,7 @@ def resolve_tracking_uri(cli_uri: str | None = None) -> str:
     Relative sqlite paths become absolute: Ray runs trials in other working directories."""
     uri = cli_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{DEFAULT_STORE}"
     key = "--mlflow-uri" if cli_uri else "MLFLOW_TRACKING_URI"
+    uri = _credentials_to_environment(uri)
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         uri = f"sqlite:///{Path(uri.removeprefix('sqlite:///')).resolve()}"
     scheme = urlsplit(uri).scheme
@@ -66,14 +67,26 @@ def resolve_tracking_uri(cli_uri: str | None = None) -> str:
     return uri
 
 
+def _credentials_to_environment(uri: str) -> str:
+    """``http://user:password@host`` -> ``http://host``, with the pair moved to
+    ``MLFLOW_TRACKING_USERNAME``/``_PASSWORD`` (which MLflow's client reads, and which local
+    Ray workers inherit): the URI travels into params, tags, Ray's saved state and every
+    message, the password must not. Variables already set win."""
+    from bdat_ray.preflight import split_credentials
+
+    bare, user, password = split_credentials(uri)
+    if user:
+        os.environ.setdefault("MLFLOW_TRACKING_USERNAME", user)
+    if password is not None:
+        os.environ.setdefault("MLFLOW_TRACKING_PASSWORD", password)
+    return bare
+
+
 def redact(uri: str) -> str:
-    """The URI without a password (safe to print, log and store)."""
-    parts = urlsplit(uri)
-    if parts.password is None:
-        return uri
-    host = parts.hostname or ""
-    netloc = f"{parts.username}:***@{host}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=netloc))
+    """The URI (or any text holding URIs) without a password: safe to print, log, store."""
+    from bdat_ray.preflight import mask_secrets
+
+    return mask_secrets(uri)
 
 
 def browse_hint(uri: str) -> str:
@@ -208,6 +221,20 @@ def end_sweep(
             (Path(tmp) / name).write_text(text)
             client.log_artifact(sweep.parent_run_id, str(Path(tmp) / name))
     client.set_terminated(sweep.parent_run_id, status)
+
+
+def abandon_sweep(sweep: SweepTracking, status: str, reason: str) -> None:
+    """Best effort after the driver crashed: the parent run, if still RUNNING, ends
+    ``status`` with the reason as ``bdat_ray.failure`` (``--resume`` reopens it). Never
+    raises: the crash it follows is the error to show."""
+    try:
+        client = _client(sweep.uri)
+        if client.get_run(sweep.parent_run_id).info.status != "RUNNING":
+            return
+        _set_tags(client, sweep.parent_run_id, {f"{TAG}failure": redact(reason)[:4000]})
+        client.set_terminated(sweep.parent_run_id, status)
+    except Exception as err:  # MLflow itself may be what failed
+        log.warning("could not mark the sweep's parent run %s: %s", status, redact(str(err)))
 
 
 def register_models(

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,7 +28,7 @@ from ray import tune
 from ray.tune.search.optuna import OptunaSearch
 
 from bdat_ray.search_space import describe_trial
-from bdat_ray.tracking import SweepTracking, mark_trial, note_recovery
+from bdat_ray.tracking import SweepTracking, mark_trial, note_recovery, redact
 
 progress = logging.getLogger("bdat_ray.progress")
 
@@ -191,8 +191,27 @@ class SweepProgress(tune.Callback):
         self.tracking = tracking
         self.total = total
 
+    def _record(self, write: Callable[..., None], trial: Any, *args: str) -> None:
+        """Write a trial's outcome to MLflow, or say why it could not: an unreachable store
+        must not crash the Tune controller (a callback's exception ends the whole sweep)."""
+        try:
+            write(self.tracking, trial.trial_id, *args)
+        except Exception as err:
+            progress.warning(
+                "warning: MLflow at %s did not answer (%s); trial %s's outcome is not recorded "
+                "there — the trials that need it fail, and --resume continues them once it is "
+                "back",
+                redact(self.tracking.uri),
+                redact(str(err).strip().splitlines()[0] if str(err).strip() else repr(err)),
+                trial.trial_id,
+            )
+
     def _label(self, trials: list, trial: Any) -> str:
-        return f"[{trials.index(trial) + 1}/{self.total}] {trial.trial_id}"
+        # The number in the trial id (``7d032_00003``: Tune counts trials as it creates
+        # them), not the trial's place in ``trials``, which changes when Tune retries it.
+        number = trial.trial_id.rpartition("_")[2]
+        place = int(number) + 1 if number.isdigit() else trials.index(trial) + 1
+        return f"[{place}/{self.total}] {trial.trial_id}"
 
     def _ended(self, trials: list, trial: Any) -> str:
         ended = sum(t.status in ("TERMINATED", "ERROR") or t is trial for t in trials)
@@ -239,7 +258,7 @@ class SweepProgress(tune.Callback):
                 self._ended(trials, trial),
             )
             return
-        mark_trial(self.tracking, trial.trial_id, "early_stopped")
+        self._record(mark_trial, trial, "early_stopped")
         progress.info(
             "%s stopped early by the scheduler after epoch %s (kept out of the front) — %s",
             self._label(trials, trial),
@@ -255,13 +274,13 @@ class SweepProgress(tune.Callback):
             note = "not retrained: a retry would repeat it"
         else:
             note = "retrying from its last checkpoint"
-            note_recovery(self.tracking, trial.trial_id, f"{kind}: {message}")
+            self._record(note_recovery, trial, f"{kind}: {message}")
         progress.info("%s %s: %s — %s", self._label(trials, trial), kind, message, note)
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         kind, message = _error(trial)
         reason = f"{kind}: {message}"
-        mark_trial(self.tracking, trial.trial_id, "failed", f"trial process failed: {reason}")
+        self._record(mark_trial, trial, "failed", f"trial process failed: {reason}")
         progress.info(
             "%s FAILED  %s  — %s", self._label(trials, trial), reason, self._ended(trials, trial)
         )

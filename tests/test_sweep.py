@@ -65,8 +65,13 @@ def tracking_uri(uri: str):
 
 
 def space_file(directory: Path, body: str, name: str) -> Path:
+    """TINY's fixed keys under the body's own (a space file may hold ``fixed`` only once)."""
+    import yaml
+
+    doc = yaml.safe_load(textwrap.dedent(body)) or {}
+    doc["fixed"] = {**yaml.safe_load(TINY)["fixed"], **(doc.get("fixed") or {})}
     path = directory / f"{name}.yaml"
-    path.write_text(textwrap.dedent(TINY) + textwrap.dedent(body))
+    path.write_text(yaml.safe_dump(doc, sort_keys=False, allow_unicode=True))
     return path
 
 
@@ -115,13 +120,15 @@ def _wait_for_session_exit(sid: int, timeout: float = 30) -> None:
         time.sleep(0.2)
 
 
-def start_driver(args: list[str], cwd: Path) -> tuple[subprocess.Popen, Path]:
+def start_driver(
+    args: list[str], cwd: Path, env: dict[str, str] | None = None
+) -> tuple[subprocess.Popen, Path]:
     """A sweep in its own session (so the test can kill all of it), logging to a file."""
     log = cwd / "driver.log"
     driver = subprocess.Popen(
         [sys.executable, "-m", "bdat_ray.sweep", *args],
         cwd=cwd,
-        env=clean_env(),
+        env=env or clean_env(),
         stdout=log.open("w"),
         stderr=subprocess.STDOUT,
         start_new_session=True,

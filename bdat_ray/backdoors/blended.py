@@ -58,6 +58,15 @@ class Blended(Backdoor):
                 raise ConfigError("attack.blended.file", "attack.blended.trigger=file needs a path")
             if not Path(b.file).expanduser().is_file():
                 raise ConfigError("attack.blended.file", f"no such image file: {b.file}")
+            from PIL import Image, UnidentifiedImageError
+
+            try:
+                with Image.open(Path(b.file).expanduser()) as picture:
+                    picture.verify()  # reads the whole file: a truncated image fails here
+            except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as err:
+                raise ConfigError(
+                    "attack.blended.file", f"{b.file} is not a readable image ({err})"
+                ) from None
 
     def resolved_keys(self) -> dict[str, object]:
         return {**super().resolved_keys(), "attack.blended.alpha_test": self._alpha(train=False)}

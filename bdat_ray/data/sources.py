@@ -6,6 +6,7 @@ A missing file is a `ConfigError` on ``data.path`` (exit 2), never a traceback.
 
 from __future__ import annotations
 
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -76,17 +77,23 @@ def load_npz(cfg: DataConfig) -> ImageData:
     path = Path(cfg.path).expanduser()
     if not path.is_file():
         raise ConfigError("data.path", f"no such file: {path}")
-    with np.load(path) as arrays:
-        missing = {"x_train", "y_train", "x_test", "y_test"} - set(arrays.files)
-        if missing:
-            raise ConfigError("data.path", f"{path} lacks arrays {sorted(missing)}")
-        try:
-            x_train = to_nchw_uint8(arrays["x_train"], key="x_train")
-            x_test = to_nchw_uint8(arrays["x_test"], key="x_test")
-        except ValueError as err:
-            raise ConfigError("data.path", f"{path}: {err}") from None
-        y_train = torch.as_tensor(arrays["y_train"].astype(np.int64)).flatten()
-        y_test = torch.as_tensor(arrays["y_test"].astype(np.int64)).flatten()
+    try:
+        # allow_pickle=False: an .npz holding pickled objects is refused, never unpickled.
+        with np.load(path, allow_pickle=False) as arrays:
+            missing = {"x_train", "y_train", "x_test", "y_test"} - set(arrays.files)
+            if missing:
+                raise ConfigError("data.path", f"{path} lacks arrays {sorted(missing)}")
+            try:
+                x_train = to_nchw_uint8(arrays["x_train"], key="x_train")
+                x_test = to_nchw_uint8(arrays["x_test"], key="x_test")
+            except ValueError as err:
+                raise ConfigError("data.path", f"{path}: {err}") from None
+            y_train = torch.as_tensor(arrays["y_train"].astype(np.int64)).flatten()
+            y_test = torch.as_tensor(arrays["y_test"].astype(np.int64)).flatten()
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
+        raise ConfigError(
+            "data.path", f"{path} is not an .npz archive of numeric arrays ({type(err).__name__})"
+        ) from None
     num_classes = int(max(y_train.max(), y_test.max())) + 1
     return ImageData(x_train, y_train, x_test, y_test, num_classes, name=path.stem)
 

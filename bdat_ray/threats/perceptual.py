@@ -28,6 +28,8 @@ Laidlaw et al.'s ``BisectionPerceptualProjection``), which evaluation may want; 
 
 from __future__ import annotations
 
+import hashlib
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -91,6 +93,39 @@ def flat_features(stages: list[torch.Tensor] | tuple[torch.Tensor, ...]) -> torc
     return torch.cat(parts, dim=1)
 
 
+def expected_sha256_prefix(path: Path) -> str:
+    """The digest prefix torchvision writes into its weight file names (``…-7be5be79.pth``)."""
+    match = re.search(r"-([0-9a-f]{6,})\.", path.name)
+    if match is None:
+        raise ConfigError("at.perceptual.network", f"{path.name} is not a torchvision weight file")
+    return match[1]
+
+
+def safe_weights(path: Path, sha256_prefix: str) -> dict[str, torch.Tensor]:
+    """The tensors of a weight file whose SHA-256 starts with ``sha256_prefix``, read with
+    ``weights_only=True`` (tensors and plain containers only; no code runs on loading)."""
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    if not digest.hexdigest().startswith(sha256_prefix):
+        raise ConfigError(
+            "at.perceptual.network",
+            f"{path} is not torchvision's file (its SHA-256 does not start with "
+            f"{sha256_prefix}); delete it and copy the original there",
+        )
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # pickle.UnpicklingError for anything beyond plain tensors
+        raise ConfigError(
+            "at.perceptual.network",
+            f"{path} holds more than tensors; refused ({type(err).__name__})",
+        ) from None
+    if not isinstance(state, dict):
+        raise ConfigError("at.perceptual.network", f"{path} is not a state dict")
+    return state
+
+
 class ImageNetFeatures(torch.nn.Module):
     """lpips' AlexNet / VGG-16 feature stack on [0, 1] images (LPIPS's input scaling)."""
 
@@ -111,7 +146,13 @@ class ImageNetFeatures(torch.nn.Module):
             )
         cls = lpips.pn.alexnet if network == "alex" else lpips.pn.vgg16
         self.scaling = lpips.ScalingLayer()
-        self.net = cls(requires_grad=False, pretrained=True).eval()
+        # pretrained=True would have torchvision read the file through torch.hub with full
+        # unpickling (weights_only=False: a planted file runs its code; the hash is checked
+        # only on download). Built untrained, then filled from tensors read safely.
+        self.net = cls(requires_grad=False, pretrained=False).eval()
+        features = safe_weights(path, expected_sha256_prefix(path))
+        own = self.net.state_dict()  # lpips' slices keep torchvision's indices: slice2.3.weight
+        self.net.load_state_dict({k: features[f"features.{k.split('.', 1)[1]}"] for k in own})
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return tuple(self.net(self.scaling(2 * x - 1)))
