@@ -519,7 +519,7 @@ def test_sweep_logs_to_a_real_mlflow_server(tmp_path, mlflow_server, digits):
         assert abs(acc - child.data.metrics["acc"]) <= 0.5
     # The artifacts went through the server into its --artifacts-destination.
     assert list(mlflow_server["artifacts"].rglob("poisoned_indices.npy"))
-    assert list(mlflow_server["artifacts"].rglob("model.pth"))
+    assert list(mlflow_server["artifacts"].rglob("model.pt2"))
 
 
 # ---------------------------------------------------------------------------------------------
