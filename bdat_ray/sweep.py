@@ -403,8 +403,10 @@ def run_sweep(space: SearchSpace, record: dict[str, Any], uri: str, *, resume: b
     # loses no finished trial: without it, restore re-runs trials that ended since.
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    # Tune's newer console output prints its banners whatever the verbosity; the classic one
-    # is silent at verbose=0 and SweepProgress prints the lines people read.
+    # Tune's context-aware console output prints its banner even at verbose=0 (Ray 2.60
+    # TuneTerminalReporter.experiment_started) and ignores RunConfig(progress_reporter=...)
+    # (tune.py); the classic output, which RunConfig.verbose's docstring selects with this
+    # variable (ray/air/config.py), is silent at verbose=0. SweepProgress prints the lines.
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     _quiet_libraries()
