@@ -205,6 +205,53 @@ def test_cells_are_mean_and_sample_std_over_seeds():
     assert "mean ± std over 3 seeds" in table.note
 
 
+def test_seed_summary_front_is_drawn_from_the_means(tmp_path):
+    from analysis.seeds import has_repeats, seed_pareto_plot, seed_summary
+
+    rows = [
+        # no AT: 95 ± 1 acc, 100 ± 0 asr over three seeds
+        *(trial("badnets", acc=a, asr=100, seed=s) for s, a in enumerate((94, 95, 96))),
+        # linf: one lucky seed (asr 2) that alone would dominate spatial; its mean does not
+        *(
+            trial("badnets", "linf", "8/255", acc=90, asr=r, seed=s)
+            for s, r in enumerate((2, 60, 70))
+        ),
+        *(
+            trial("badnets", "spatial", "0.05", acc=91, asr=r, seed=s)
+            for s, r in enumerate((30, 31, 32))
+        ),
+        trial("badnets", "spatial", "0.05", acc=0, asr=0, seed=3, outcome="failed"),
+    ]
+    trials = pd.DataFrame(rows)
+    assert has_repeats(trials) and not has_repeats(trials.iloc[[0, 3]])
+    summary = seed_summary(trials, {"acc": "max", "asr": "min"}).set_index("threat")
+    assert summary["n"].to_dict() == {"none": 3, "linf": 3, "spatial": 3}  # failed: not a seed
+    assert summary.loc["none", "acc_mean"] == pytest.approx(95.0)
+    assert summary.loc["none", "acc_std"] == pytest.approx(1.0)
+    assert summary.loc["linf", "asr_mean"] == pytest.approx(44.0)
+    # sample std: sqrt((42² + 16² + 26²) / 2) = sqrt(1348)
+    assert summary.loc["linf", "asr_std"] == pytest.approx(1348**0.5)
+    assert summary["front"].to_dict() == {"none": True, "linf": False, "spatial": True}
+    assert seed_pareto_plot(trials, {"acc": "max", "asr": "min"}, tmp_path / "s.png", "t") == 2
+    assert (tmp_path / "s.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_repeated_cells_show_their_count():
+    trials = pd.DataFrame(
+        [
+            trial("badnets", acc=90, asr=10, seed=0),
+            trial("badnets", acc=92, asr=30, seed=1),
+            trial("badnets", "linf", "8/255", acc=80, asr=1, seed=0),
+        ]
+    )
+    table = cat_table(trials)
+    markdown = to_markdown(table)
+    assert "| badnets | 91.0 ± 1.4 / 20.0 ± 14.1 (n=2) | 80.0 / **1.0** (n=1) |" in markdown
+    assert "<td>20.0 ± 14.1<small> (n=2)</small></td>" in to_html(table)
+    single = cat_table(trials.iloc[[0, 2]])
+    assert "(n=" not in to_markdown(single)  # one seed everywhere: no counts
+
+
 def test_weng_layout_only_for_weng_triggers():
     trials = pd.DataFrame(
         [
