@@ -299,6 +299,8 @@ max_concurrent: 2
 """
 FILES = [
     "pareto.png",
+    "pareto_seeds.png",  # BadNets without AT ran with two seeds
+    "seeds.csv",
     "hypervolume.png",
     "budget_curves.png",
     "table.md",
@@ -511,6 +513,75 @@ def test_load_sweep_gives_one_row_per_trial_for_notebooks(swept):
     assert set(front["run_id"]) == set(listing.loc[listing["on_front"], "run_id"])
     for _, members in trials.groupby("group"):
         assert 0 < analysis.hypervolume(members) <= 1
+
+
+SEEDS_SPACE = """
+fixed:
+  train.epochs: 2
+  at.steps: 1
+  eval.robust_samples: 0
+dimensions:
+  at.threat: {grid: [none, linf]}
+  at.linf.eps: {grid: ["16/255"], when: {at.threat: [linf]}}
+num_samples: 3
+max_concurrent: 2
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.sweep
+def test_a_three_seed_grid_report_shows_mean_std_and_n(tmp_path):
+    from mlflow import MlflowClient
+
+    (tmp_path / "seeds.yaml").write_text(textwrap.dedent(SEEDS_SPACE))
+    sweep = subprocess.run(
+        [sys.executable, "-m", "bdat_ray.sweep", "--space", "seeds.yaml", "--storage", "out"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=clean_env(),
+    )
+    assert sweep.returncode == 0, sweep.stdout + sweep.stderr[-3000:]
+    assert "every combination 3× with train.seed + 0..2" in sweep.stdout
+    report, _ = report_cli(["--out", "r"], tmp_path)
+    assert report.returncode == 0, report.stderr
+
+    # Independently from the MLflow runs: per threat model, the three seeds' acc and asr.
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("seeds")
+    runs = client.search_runs(
+        [experiment.experiment_id], "tags.`bdat_ray.role` = 'trial'", max_results=100
+    )
+    expected = pd.DataFrame(
+        {
+            "threat": [r.data.params["at.threat"] for r in runs],
+            "seed": [int(r.data.params["train.seed"]) for r in runs],
+            "acc": [r.data.metrics["acc"] for r in runs],
+            "asr": [r.data.metrics["asr"] for r in runs],
+        }
+    )
+    assert sorted(expected["seed"]) == [0, 0, 1, 1, 2, 2]
+    stats = expected.groupby("threat")[["acc", "asr"]].agg(["mean", "std"])
+
+    summary = pd.read_csv(tmp_path / "r" / "seeds.csv").set_index("threat")
+    assert summary["n"].to_dict() == {"none": 3, "linf": 3}
+    assert (summary["seeds"] == "0,1,2").all()
+    for threat in ("none", "linf"):
+        for metric in ("acc", "asr"):
+            assert summary.loc[threat, f"{metric}_mean"] == pytest.approx(
+                stats.loc[threat, (metric, "mean")]
+            )
+            assert summary.loc[threat, f"{metric}_std"] == pytest.approx(
+                stats.loc[threat, (metric, "std")]
+            )
+    table = (tmp_path / "r" / "table.md").read_text()
+    none = stats.loc["none"]
+    cell = f"{none[('acc', 'mean')]:.1f} ± {none[('acc', 'std')]:.1f}"
+    assert cell in table and "(n=3)" in table and "mean ± std over 3 seeds" in table
+    page = (tmp_path / "r" / "index.html").read_text()
+    assert '<img src="pareto_seeds.png"' in page and "(n=3)" in page
+    assert (tmp_path / "r" / "pareto_seeds.png").read_bytes()[:4] == b"\x89PNG"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -5,6 +5,9 @@ trial refusing to train again."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -162,10 +165,13 @@ def _global_uri(uri):
     mlflow.set_tracking_uri(uri)
 
 
-def test_logged_model_is_pt2_with_a_dynamic_batch_and_a_pyfunc(two_finished_trials, digits):
+def test_logged_model_is_pt2_with_a_dynamic_batch_and_a_pyfunc(
+    two_finished_trials, digits, tmp_path
+):
     import mlflow
     import mlflow.pyfunc
     import mlflow.pytorch
+    import numpy as np
     import torch
     from mlflow import MlflowClient
 
@@ -186,8 +192,23 @@ def test_logged_model_is_pt2_with_a_dynamic_batch_and_a_pyfunc(two_finished_tria
         x = digits.x_test[:batch].float() / 255
         with torch.no_grad():
             assert torch.allclose(loaded(x), reference(x), atol=1e-5)
-    scores = mlflow.pyfunc.load_model(uri).predict((digits.x_test[:5].float() / 255).numpy())
+    batch = (digits.x_test[:5].float() / 255).numpy()
+    scores = mlflow.pyfunc.load_model(uri).predict(batch)
     assert scores.shape == (5, 10)
+    # `mlflow models predict`, offline, in this environment: what a serving user runs first.
+    request = tmp_path / "batch.json"
+    request.write_text(json.dumps({"inputs": batch.tolist()}))
+    cli = [str(Path(sys.executable).with_name("mlflow")), "models", "predict", "-m", uri]
+    predicted = subprocess.run(
+        [*cli, "-i", str(request), "-t", "json", "--env-manager", "local"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "MLFLOW_TRACKING_URI": run.sweep.uri},
+    )
+    assert predicted.returncode == 0, predicted.stderr[-2000:]
+    served = json.loads(predicted.stdout.strip().splitlines()[-1])["predictions"]
+    assert np.allclose(np.array(served), scores, atol=1e-5)
     requirements = mlflow.pyfunc.get_model_dependencies(uri)
     # The code travels as code_paths, not as a pin on a package no index serves.
     assert "bdat_ray" not in Path(requirements).read_text()
