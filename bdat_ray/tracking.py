@@ -45,7 +45,6 @@ log = logging.getLogger(__name__)
 
 DEFAULT_STORE = "mlflow.db"
 TAG = "bdat_ray."
-MODEL_NAME = "model"
 #: Engine epoch keys renamed in MLflow so they do not collide with a final metric of the
 #: same name logged at the last step (``images_per_s`` is the whole run's throughput).
 EPOCH_RENAMES = {"images_per_s": "epoch_images_per_s"}
@@ -459,16 +458,22 @@ class TrialRun:
         if active is None or active.info.run_id != self.run_id:
             mlflow.start_run(run_id=self.run_id)
         self._log_datasets(data, workdir, resolved)
-        info = _log_model(_cpu_copy(model, torch), data, step)
+        # The model first exists empty, so the final metrics are its first (the Models tab
+        # lists a model's metrics in that order); log_model then fills it and also links the
+        # run's other metrics at the same step (the last epoch's curves, system metrics).
+        logged = mlflow.initialize_logged_model(
+            name=self.client.get_run(self.run_id).info.run_name, source_run_id=self.run_id
+        )
         now = int(time.time() * 1000)
         self.client.log_batch(
             self.run_id,
             metrics=[
-                Metric(k, float(v), now, step, model_id=info.model_id)
+                Metric(k, float(v), now, step, model_id=logged.model_id)
                 for k, v in final.items()
                 if v is not None
             ],
         )
+        info = _log_model(_cpu_copy(model, torch), data, step, logged.model_id)
         self.set_tags({f"{TAG}model_uri": info.model_uri, f"{TAG}outcome": "finished"})
         self._end("FINISHED")
 
@@ -520,10 +525,11 @@ class TrialRun:
         self._end("FAILED")
 
 
-def _log_model(model: Any, data: Any, step: int) -> Any:
-    """Log ``model`` into the active run as a pt2 program taking [0, 1] float32 NCHW images
-    of any batch size (signature ``(-1, C, H, W)`` -> logits ``(-1, classes)``); returns
-    MLflow's `ModelInfo`. The pyfunc flavour scores numpy batches (`mlflow models predict`)."""
+def _log_model(model: Any, data: Any, step: int, model_id: str) -> Any:
+    """Log ``model`` into the active run's LoggedModel ``model_id`` as a pt2 program taking
+    [0, 1] float32 NCHW images of any batch size (signature ``(-1, C, H, W)`` -> logits
+    ``(-1, classes)``); returns MLflow's `ModelInfo`. The pyfunc flavour scores numpy batches
+    (`mlflow models predict`)."""
     import mlflow.pytorch
     import numpy as np
     import torch
@@ -539,7 +545,7 @@ def _log_model(model: Any, data: Any, step: int) -> Any:
     )
     return mlflow.pytorch.log_model(
         model,
-        name=MODEL_NAME,
+        model_id=model_id,
         serialization_format="pt2",
         signature=signature,
         input_example=example,
