@@ -62,14 +62,13 @@ def seed_pareto_plot(
     """Write the front of means: one point per configuration at its mean, error bars ± one
     standard deviation in both objectives, the front of means ringed and joined; one panel
     per environment group. Returns the number of configurations on a front."""
-    import math
-
     from analysis.plots import (
         METRIC_LABELS,
-        _figure,
         _limits,
+        _place_labels,
         _threat_legend,
         _threat_name,
+        panels,
         plane,
         point_label,
         threat_colors,
@@ -78,12 +77,10 @@ def seed_pareto_plot(
     x, y = plane(objectives)
     summary = seed_summary(trials, objectives)
     groups = list(dict.fromkeys(summary["group"]))
-    cols = min(3, len(groups))
-    rows = math.ceil(len(groups) / cols)
-    fig = _figure(5.6 * cols, 4.6 * rows + 0.9)
-    axes = fig.subplots(rows, cols, sharex=True, sharey=True, squeeze=False).ravel()
+    fig, axes, cols = panels(len(groups))
     colors = threat_colors()
     staircase = set(objectives) == {x, y} and objectives[x] == "min" and objectives[y] == "max"
+    labelled = []
     for ax, group in zip(axes, groups, strict=False):
         members = summary[summary["group"] == group]
         for record in members.to_dict("records"):
@@ -103,16 +100,6 @@ def seed_pareto_plot(
                 capsize=3,
                 zorder=4 if record["front"] else 3,
             )
-            label = point_label(record, with_seed=False)
-            ax.annotate(
-                f"{label}\nn={record['n']}",
-                (record[f"{x}_mean"], record[f"{y}_mean"]),
-                xytext=(7, 7),
-                textcoords="offset points",
-                fontsize=8,
-                zorder=5,
-                bbox={"boxstyle": "round,pad=0.2", "fc": "white", "ec": "none", "alpha": 0.75},
-            )
         front = members[members["front"]].sort_values(f"{x}_mean")
         if staircase and len(front):
             xs = [*front[f"{x}_mean"], _limits(summary[f"{x}_mean"], x)[1]]
@@ -125,6 +112,7 @@ def seed_pareto_plot(
             fontsize=10,
         )
         ax.grid(alpha=0.3)
+        labelled.append((ax, members))
     for ax in axes[len(groups) :]:
         ax.set_visible(False)
     for ax in axes[max(len(groups) - cols, 0) : len(groups)]:
@@ -140,6 +128,13 @@ def seed_pareto_plot(
     axes[0].set_ylim(*_limits(_whole_bars(summary, y), y))
     _threat_legend(fig, summary, colors, staircase)
     fig.suptitle(f"{title}: Pareto front of the means over seeds (bars: ± 1 std)", fontsize=12)
+    fig.canvas.draw()  # final pixel positions, for labels that avoid the markers
+    for ax, members in labelled:
+        means = list(zip(members[f"{x}_mean"], members[f"{y}_mean"], strict=True))
+        texts = [
+            f"{point_label(r, with_seed=False)}, n={r['n']}" for r in members.to_dict("records")
+        ]
+        _place_labels(ax, [(mx, my, t) for (mx, my), t in zip(means, texts, strict=True)], means)
     fig.savefig(path)
     return int(summary["front"].sum())
 

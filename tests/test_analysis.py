@@ -330,21 +330,28 @@ def report_cli(args: list[str], cwd: Path) -> tuple[subprocess.CompletedProcess,
     return proc, time.perf_counter() - started
 
 
+def sweep_cli(space: str, cwd: Path) -> subprocess.CompletedProcess:
+    """``python -m bdat_ray.sweep --space SPACE`` in ``cwd`` (its default store), which must
+    succeed."""
+    sweep = subprocess.run(
+        [sys.executable, "-m", "bdat_ray.sweep", "--space", space, "--storage", "results"],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=clean_env(),
+    )
+    assert sweep.returncode == 0, sweep.stdout + sweep.stderr[-3000:]
+    return sweep
+
+
 @pytest.fixture(scope="module")
 def swept(tmp_path_factory):
     """A real 8-trial sweep (7 finish, 1 diverges) into ``work/mlflow.db`` — the default
     store of a command run in ``work`` — and the report of it, run with no arguments."""
     work = tmp_path_factory.mktemp("analysis")
     (work / "tiny.yaml").write_text(textwrap.dedent(SPACE))
-    sweep = subprocess.run(
-        [sys.executable, "-m", "bdat_ray.sweep", "--space", "tiny.yaml", "--storage", "results"],
-        cwd=work,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=clean_env(),
-    )
-    assert sweep.returncode == 0, sweep.stdout + sweep.stderr[-3000:]
+    sweep_cli("tiny.yaml", work)
     report, seconds = report_cli([], work)
     (out,) = (work / "reports").iterdir()
     return {
@@ -534,15 +541,7 @@ def test_a_three_seed_grid_report_shows_mean_std_and_n(tmp_path):
     from mlflow import MlflowClient
 
     (tmp_path / "seeds.yaml").write_text(textwrap.dedent(SEEDS_SPACE))
-    sweep = subprocess.run(
-        [sys.executable, "-m", "bdat_ray.sweep", "--space", "seeds.yaml", "--storage", "out"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=900,
-        env=clean_env(),
-    )
-    assert sweep.returncode == 0, sweep.stdout + sweep.stderr[-3000:]
+    sweep = sweep_cli("seeds.yaml", tmp_path)
     assert "every combination 3× with train.seed + 0..2" in sweep.stdout
     report, _ = report_cli(["--out", "r"], tmp_path)
     assert report.returncode == 0, report.stderr
