@@ -18,7 +18,7 @@ fluent *active run* (`TrialRun.monitor_system`): MLflow's system-metrics monitor
 utilisation and memory into it, and `mlflow.pytorch.log_model` logs into it; `finish`/`fail`
 end it.
 
-The model is logged as MLflow recommends for PyTorch: ``pt2`` (`torch.export`, no pickle) with
+The model is logged as MLflow recommends for PyTorch: ``pt2`` (a `torch.export` program) with
 a signature whose batch dimension is ``-1`` (MLflow exports it dynamic), an input example of
 real test images, and this package's source as ``code_paths``. Final metrics carry the logged
 model's id, so the Models tab and ``mlflow.search_logged_models(filter_string="metrics.asr <
