@@ -227,6 +227,13 @@ def test_two_trial_sweep_end_to_end(grid_sweep):
         assert {"train_loss", "train_clean_acc", "epoch_seconds"} <= set(metrics)
         names = {a.path for a in client.list_artifacts(child.info.run_id)}
         assert "poisoned_indices.npy" in names and "result.json" in names
+        assert "system/cpu_utilization_percentage" in metrics  # sampled in the trial process
+        contexts = {d.dataset.name: d.tags[0].value for d in child.inputs.dataset_inputs}
+        assert contexts == {
+            "digits-train": "training",
+            "digits-test": "evaluation",
+            "digits-poisoned-indices": "poisoning",
+        }
     assert (grid_sweep["dir"] / "space.yaml").is_file()
 
 
@@ -265,6 +272,13 @@ def test_logged_model_reloads_and_reproduces_its_acc(grid_sweep, digits):
         versions = client.search_model_versions("name = 'small-pareto'")
         assert versions and all(v.tags["sweep_id"] == grid_sweep["dir"].name for v in versions)
         model = mlflow.pytorch.load_model(f"models:/small-pareto/{versions[0].version}")
+        # The sweep's picks are registry aliases (one attack setting: no suffix).
+        lowest = client.get_model_version_by_alias("small-pareto", "lowest-asr")
+        assert lowest.run_id in {v.run_id for v in versions}
+        assert f"lowest-asr → v{lowest.version}" in grid_sweep["proc"].stdout
+        assert mlflow.pytorch.load_model("models:/small-pareto@lowest-asr")(
+            digits.x_test[:1].float() / 255
+        ).shape == (1, 10)
     assert model(digits.x_test[:7].float() / 255).shape == (7, 10)  # any batch size
 
 
