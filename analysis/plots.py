@@ -54,6 +54,16 @@ def _figure(width: float, height: float) -> Any:
     return fig
 
 
+def panels(count: int) -> tuple[Any, Any, int]:
+    """(figure, flat axes, columns) for ``count`` objective-plane panels sharing their axes,
+    three per row."""
+    cols = min(3, count)
+    rows = math.ceil(count / cols)
+    fig = _figure(max(5.6 * cols, 8.0), 4.6 * rows + 0.9)  # one panel: room for the legend
+    axes = fig.subplots(rows, cols, sharex=True, sharey=True, squeeze=False).ravel()
+    return fig, axes, cols
+
+
 def threat_colors() -> dict[str, Any]:
     """One fixed colour per threat model (the schema's order), the same in every figure."""
     from matplotlib import colormaps
@@ -104,10 +114,7 @@ def pareto_plot(
     done = trials[trials["outcome"] == FINISHED].copy()
     done["front"] = front_mask(done, objectives)
     groups = list(dict.fromkeys(done["group"]))
-    cols = min(3, len(groups))
-    rows = math.ceil(len(groups) / cols)
-    fig = _figure(5.6 * cols, 4.6 * rows + 0.9)
-    axes = fig.subplots(rows, cols, sharex=True, sharey=True, squeeze=False).ravel()
+    fig, axes, cols = panels(len(groups))
     colors = threat_colors()
     with_seed = done["train.seed"].nunique() > 1
     staircase = set(objectives) == {x, y} and objectives[x] == "min" and objectives[y] == "max"

@@ -5,8 +5,9 @@
     python -m analysis.report --mlflow-uri sqlite:///runs.db --sweep quickstart-20261122-040519
 
 Writes into --out (default reports/<sweep id>/): pareto.png, hypervolume.png,
-budget_curves.png (when a threat model was trained at two or more budgets), table.md,
-table.csv, trials.csv and index.html (docs/analysis.md explains each).
+budget_curves.png (when a threat model was trained at two or more budgets), pareto_seeds.png
+and seeds.csv (when a configuration ran with two or more seeds), table.md, table.csv,
+trials.csv and index.html (docs/analysis.md explains each).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from analysis.fronts import percent_objectives, reference_text
 from analysis.load import Sweep, read_sweep
 from analysis.page import DEFAULT_UI, Figure, index_html
 from analysis.plots import budget_plot, hypervolume_plot, pareto_plot
+from analysis.seeds import has_repeats, seed_pareto_plot, seed_summary
 from analysis.tables import tables, to_frame, to_markdown
 from bdat_ray.cli import Parser, main_guard
 from bdat_ray.config import ConfigError
@@ -73,6 +75,8 @@ def write_report(sweep: Sweep, out: Path, ui_url: str = DEFAULT_UI) -> list[Path
             "front dominates.",
         )
     ]
+    if has_repeats(trials):
+        written += _seed_files(sweep, out, figures)
     notes = []
     if percent_objectives(objectives):
         written.append(out / "hypervolume.png")
@@ -119,6 +123,27 @@ def write_report(sweep: Sweep, out: Path, ui_url: str = DEFAULT_UI) -> list[Path
         index_html(sweep, figures=figures, tables=found, notes=notes, front=front, ui_url=ui_url)
     )
     return written
+
+
+def _seed_files(sweep: Sweep, out: Path, figures: list[Figure]) -> list[Path]:
+    """Repeated seeds: the Pareto front of the configurations' means with ± std bars
+    (``pareto_seeds.png``, shown first) and one line per configuration (``seeds.csv``)."""
+    trials, objectives = sweep.trials, sweep.objectives
+    seed_pareto_plot(trials, objectives, out / "pareto_seeds.png", sweep.experiment)
+    seed_summary(trials, objectives).to_csv(out / "seeds.csv", index=False)
+    figures.insert(
+        0,
+        Figure(
+            "pareto_seeds.png",
+            "Pareto front over seeds",
+            "One point per configuration (attack setting × defense) at its mean over the "
+            "finished seeds, bars ± one sample standard deviation in both objectives, n = "
+            "its seeds; ringed and joined: the front of the means per attack setting. The "
+            "figure below draws every single trial (seeds separately); seeds.csv lists the "
+            "means, spreads and counts.",
+        ),
+    )
+    return [out / "pareto_seeds.png", out / "seeds.csv"]
 
 
 @main_guard

@@ -104,6 +104,18 @@ class Table:
     marked: bool  # whether ASR marks apply (their legend follows the note)
 
     @property
+    def repeated(self) -> bool:
+        """Whether some cell averages two or more trials (seeds): cells then show their n."""
+        return any(c.n > 1 for (row, _), c in self.cells.items() if row != AVERAGE)
+
+    def count_text(self, key: tuple[str, str]) -> str:
+        """`` (n=3)``: the trials behind a cell of a repeated table (not the Average row)."""
+        cell = self.cells.get(key)
+        if cell is None or not self.repeated or key[0] == AVERAGE:
+            return ""
+        return f" (n={cell.n})"
+
+    @property
     def transposed(self) -> bool:
         return len(self.columns) > MAX_COLUMNS
 
@@ -192,7 +204,9 @@ def comparison(
 
 def _seeds_note(trials: pd.DataFrame) -> str:
     seeds = trials.loc[trials["outcome"] == FINISHED, "train.seed"].nunique()
-    return f"mean ± std over {seeds} seeds (train.seed)" if seeds > 1 else "one seed"
+    if seeds <= 1:
+        return "one seed"
+    return f"mean ± std over {seeds} seeds (train.seed; sample std; n = a cell's finished seeds)"
 
 
 def _defense(trials: pd.DataFrame, none: str, prefix: str = "") -> pd.Series:
@@ -391,7 +405,7 @@ def _cell_text(table: Table, key: tuple[str, str], bold: str, underline: str) ->
         if metric == "asr" and key in table.marks:
             text = (bold if table.marks[key] == BEST else underline).format(text)
         parts.append(text)
-    return " / ".join(parts)
+    return " / ".join(parts) + table.count_text(key)
 
 
 def _escape_md(text: str) -> str:
@@ -447,6 +461,8 @@ def to_html(table: Table) -> str:
                     text = f"<strong>{text}</strong>"
                 elif mark == SECOND:
                     text = f"<u>{text}</u>"
+                if metric == table.metrics[-1] and (count := table.count_text(key)):
+                    text += f"<small>{e(count)}</small>"
                 tds.append(f"<td>{text}</td>")
         cls = ' class="average"' if line == AVERAGE else ""
         body.append(f"<tr{cls}><th>{e(line)}</th>{''.join(tds)}</tr>")

@@ -20,6 +20,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import string
 import sys
@@ -55,6 +56,9 @@ MAX_FAILURES = 2
 OUTCOMES = ("finished", "failed", "stopped", "unfinished")
 EXIT_INTERRUPTED = 130  # the shell's code for a run stopped by Ctrl-C
 NAME_CHARS = frozenset(string.ascii_letters + string.digits + "._-")
+#: ASR cap (percent) of the registry alias ``best-acc-asr-le-<cap>``: the most accurate
+#: Pareto model that leaves at most this attack success rate.
+ALIAS_ASR_CAP = 20
 
 
 def parser() -> argparse.ArgumentParser:
@@ -425,8 +429,10 @@ def run_sweep(space: SearchSpace, record: dict[str, Any], uri: str, *, resume: b
     # loses no finished trial: without it, restore re-runs trials that ended since.
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    # Tune's newer console output prints its banners whatever the verbosity; the classic one
-    # is silent at verbose=0 and SweepProgress prints the lines people read.
+    # Tune's context-aware console output prints its banner even at verbose=0 (Ray 2.60
+    # TuneTerminalReporter.experiment_started) and ignores RunConfig(progress_reporter=...)
+    # (tune.py); the classic output, which RunConfig.verbose's docstring selects with this
+    # variable (ray/air/config.py), is silent at verbose=0. SweepProgress prints the lines.
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     _bound_mlflow_retries()
@@ -680,6 +686,27 @@ def pareto_rows(space: SearchSpace, rows: list[dict[str, Any]]) -> list[dict[str
     return sorted(front, key=lambda r: (r["group"], -r[first] if mode == "max" else r[first]))
 
 
+def registry_picks(front: list[dict[str, Any]], asr_cap: float = ALIAS_ASR_CAP) -> dict[str, str]:
+    """Registry alias -> MLflow run id of the picks a researcher reaches for, per environment
+    group (suffix: the group's values, e.g. ``lowest-asr-badnets``): ``lowest-asr`` (ties: the
+    higher acc) and ``best-acc-asr-le-<cap>`` (highest acc with asr ≤ cap percent). Both lie
+    on the acc/asr front; a group with no trial under the cap gets no second alias."""
+    picks = {}
+    for group in sorted({r["group"] for r in front}):
+        rows = [r for r in front if r["group"] == group and r["run_id"] and r["asr"] is not None]
+        values = "_".join(part.split("=", 1)[-1] for part in group.split(", ")) if group else ""
+        suffix = "-" + re.sub(r"[^\w-]+", "_", values) if values else ""
+        if not rows:
+            continue
+        lowest = min(rows, key=lambda r: (r["asr"], -r["acc"]))
+        picks[f"lowest-asr{suffix}"] = lowest["run_id"]
+        capped = [r for r in rows if r["asr"] <= asr_cap]
+        if capped:
+            best = max(capped, key=lambda r: (r["acc"], -r["asr"]))
+            picks[f"best-acc-asr-le-{asr_cap:g}{suffix}"] = best["run_id"]
+    return picks
+
+
 def _fmt(value: Any) -> str:
     return "n/a" if value is None else f"{value:.1f}"
 
@@ -717,6 +744,7 @@ def _report(
     if record.get("optuna_storage") and not interrupted:
         _close_orphan_study_trials(record)
     model_name = f"{record['name']}-pareto"
+    aliases: dict[str, str] = {}
     table = pareto_table(front)
     try:
         versions = tracking.register_models(
@@ -728,6 +756,8 @@ def _report(
                 if r["run_id"]
             ],
         )
+        if {"acc", "asr"} <= set(space.objectives):
+            aliases = tracking.set_aliases(sweep, model_name, registry_picks(front))
         tracking.end_sweep(
             sweep,
             status="KILLED" if interrupted else "FINISHED" if count["finished"] else "FAILED",
@@ -756,6 +786,8 @@ def _report(
     print(f"           experiment {record['name']}, parent run {record['sweep_id']}")
     if versions:
         print(f"models     registered as {model_name}, versions {', '.join(versions)}")
+    if aliases:
+        print("aliases    " + ", ".join(f"{a} → v{v}" for a, v in aliases.items()))
     print(f"results    {sweep_dir}")
     print(
         f"report     python -m analysis.report --sweep {record['sweep_id']} "

@@ -13,8 +13,16 @@ Layout (README.md, "What a sweep records", has the full table):
   as params, per-epoch metrics with ``step = epoch``, final metrics, the model, the poisoned
   indices and the trigger picture, and its outcome (finished / early_stopped / failed).
 
-Workers use `MlflowClient` with the run id (never the fluent ``start_run`` context, which ends
-the run on exit) — except once, to log the model at the very end, where ending it is wanted.
+Workers write with `MlflowClient` and the run id. The trial process also makes its run the
+fluent *active run* (`TrialRun.monitor_system`): MLflow's system-metrics monitor samples CPU/GPU
+utilisation and memory into it, and `mlflow.pytorch.log_model` logs into it; `finish`/`fail`
+end it.
+
+The model is logged as MLflow recommends for PyTorch: ``pt2`` (a `torch.export` program) with
+a signature whose batch dimension is ``-1`` (MLflow exports it dynamic), an input example of
+real test images, and this package's source as ``code_paths``. Final metrics carry the logged
+model's id, so the Models tab and ``mlflow.search_logged_models(filter_string="metrics.asr <
+20")`` see them.
 """
 
 from __future__ import annotations
@@ -23,8 +31,8 @@ import logging
 import math
 import os
 import subprocess
-import tempfile
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,12 +45,18 @@ log = logging.getLogger(__name__)
 
 DEFAULT_STORE = "mlflow.db"
 TAG = "bdat_ray."
-MODEL_NAME = "model"
 #: Engine epoch keys renamed in MLflow so they do not collide with a final metric of the
 #: same name logged at the last step (``images_per_s`` is the whole run's throughput).
 EPOCH_RENAMES = {"images_per_s": "epoch_images_per_s"}
 #: Failures that would repeat on a retry; a retried trial that finds one stops at once.
 NON_RETRYABLE = ("diverged", "bad_config")
+#: Seconds between system-metric samples in a trial's run (MLflow's default is 10 s; trials
+#: on digits last tens of seconds). Each sample is one small request to the store.
+SYSTEM_METRICS_INTERVAL_S = 2.0
+#: Images in the logged model's input example. torch.export specialises a size-1 dimension,
+#: so the batch dimension is only exported dynamic from an example of two or more.
+EXAMPLE_BATCH = 2
+PACKAGE_DIR = Path(__file__).resolve().parent
 
 
 # ---------------------------------------------------------------------------------------------
@@ -216,10 +230,8 @@ def end_sweep(
     _set_tags(client, sweep.parent_run_id, tags)
     for key, value in metrics.items():
         client.log_metric(sweep.parent_run_id, key, value)
-    with tempfile.TemporaryDirectory() as tmp:
-        for name, text in files.items():
-            (Path(tmp) / name).write_text(text)
-            client.log_artifact(sweep.parent_run_id, str(Path(tmp) / name))
+    for name, text in files.items():
+        client.log_text(sweep.parent_run_id, text, name)
     client.set_terminated(sweep.parent_run_id, status)
 
 
@@ -250,7 +262,7 @@ def register_models(
             model_name, description="Pareto-optimal models of bdat_ray sweeps (acc/asr)"
         )
     except MlflowException as err:
-        if "already exists" not in str(err).lower():
+        if err.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
     done = {v.run_id for v in client.search_model_versions(f"name = '{model_name}'")}
     versions = []
@@ -274,6 +286,22 @@ def register_models(
         )
         versions.append(str(version.version))
     return versions
+
+
+def set_aliases(sweep: SweepTracking, model_name: str, picks: dict[str, str]) -> dict[str, str]:
+    """Point each registry alias (alias -> child run id) at that run's version of
+    ``model_name``, moving it from an earlier sweep's pick; returns alias -> version. Load one
+    with ``mlflow.pytorch.load_model("models:/NAME@ALIAS")``."""
+    client = _client(sweep.uri)
+    version_of = {
+        v.run_id: str(v.version) for v in client.search_model_versions(f"name = '{model_name}'")
+    }
+    aliases = {}
+    for alias, run_id in picks.items():
+        if run_id in version_of:
+            client.set_registered_model_alias(model_name, alias, version_of[run_id])
+            aliases[alias] = version_of[run_id]
+    return aliases
 
 
 def mark_trial(sweep: SweepTracking, trial_id: str, outcome: str, reason: str = "") -> None:
@@ -387,8 +415,7 @@ class TrialRun:
             for k, v in flat.items()
             if f"{prefix}{k}" not in have
         ]
-        for start in range(0, len(params), 100):  # MLflow takes at most 100 per batch
-            self.client.log_batch(self.run_id, params=params[start : start + 100])
+        self.client.log_batch(self.run_id, params=params)  # the client chunks by 100
 
     def log_epoch(self, metrics: dict[str, float]) -> None:
         """One epoch's metrics at ``step = epoch``; an epoch logged by an earlier attempt
@@ -407,6 +434,30 @@ class TrialRun:
         self.client.log_batch(self.run_id, metrics=batch)
         self.logged_epochs.add(epoch)
 
+    def monitor_system(self) -> None:
+        """Make this run the calling thread's active MLflow run with MLflow's system-metrics
+        monitor on (``system/cpu_utilization_percentage``, ``system/system_memory_usage_*``,
+        ``system/gpu_<i>_utilization_percentage`` and ``_memory_usage_*`` per GPU of the node —
+        all of them, so trials packed onto one GPU show its whole load — every
+        `SYSTEM_METRICS_INTERVAL_S`). Needs psutil (and nvidia-ml-py for GPUs); `finish` and
+        `fail` end it. A retry continues the series after the last logged step."""
+        import mlflow
+
+        mlflow.set_tracking_uri(self.sweep.uri)
+        mlflow.set_system_metrics_sampling_interval(SYSTEM_METRICS_INTERVAL_S)
+        mlflow.start_run(run_id=self.run_id, log_system_metrics=True)
+
+    def _end(self, status: str) -> None:
+        """End the run: through the fluent API when it is this thread's active run (that
+        also stops and flushes the system-metrics monitor), else through the client."""
+        import mlflow
+
+        active = mlflow.active_run()
+        if active is not None and active.info.run_id == self.run_id:
+            mlflow.end_run(status)
+        else:
+            self.client.set_terminated(self.run_id, status)
+
     def finish(
         self,
         final: dict[str, float],
@@ -415,18 +466,14 @@ class TrialRun:
         model: Any,
         workdir: Path,
         resolved: dict[str, Any],
+        data: Any,
     ) -> None:
-        """Final metrics, resolved config, artifacts and the model; ends the run FINISHED."""
+        """Resolved config, artifacts, dataset inputs, the model and the final metrics
+        (linked to the model); ends the run FINISHED. ``data``: the clean `ImageData`."""
         import mlflow
-        import mlflow.pytorch
         import torch
         from mlflow.entities import Metric
 
-        now = int(time.time() * 1000)
-        self.client.log_batch(
-            self.run_id,
-            metrics=[Metric(k, float(v), now, step) for k, v in final.items() if v is not None],
-        )
         requested = self.client.get_run(self.run_id).data.params
         changed = {k: v for k, v in resolved.items() if requested.get(k) != _param_value(v)}
         self.log_params(changed, prefix="resolved.")
@@ -434,22 +481,107 @@ class TrialRun:
             if (workdir / name).is_file():
                 self.client.log_artifact(self.run_id, str(workdir / name))
         mlflow.set_tracking_uri(self.sweep.uri)
-        cpu_model = _cpu_copy(model, torch)
-        with mlflow.start_run(run_id=self.run_id):  # leaving it marks the run FINISHED
-            info = mlflow.pytorch.log_model(
-                cpu_model,
-                name=MODEL_NAME,
-                serialization_format="pickle",  # pt2 (the default) fixes the batch size
-                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "bdat_ray"],
+        active = mlflow.active_run()
+        if active is None or active.info.run_id != self.run_id:
+            mlflow.start_run(run_id=self.run_id)
+        self._log_datasets(data, workdir, resolved)
+        # The model first exists empty, so the final metrics are its first (the Models tab
+        # lists a model's metrics in that order); log_model then fills it and also links the
+        # run's other metrics at the same step (the last epoch's curves, system metrics).
+        logged = mlflow.initialize_logged_model(
+            name=self.client.get_run(self.run_id).info.run_name, source_run_id=self.run_id
+        )
+        now = int(time.time() * 1000)
+        self.client.log_batch(
+            self.run_id,
+            metrics=[
+                Metric(k, float(v), now, step, model_id=logged.model_id)
+                for k, v in final.items()
+                if v is not None
+            ],
+        )
+        info = _log_model(_cpu_copy(model, torch), data, step, logged.model_id)
+        self.set_tags({f"{TAG}model_uri": info.model_uri, f"{TAG}outcome": "finished"})
+        self._end("FINISHED")
+
+    def _log_datasets(self, data: Any, workdir: Path, resolved: dict[str, Any]) -> None:
+        """Dataset lineage (the run's *Datasets used*): the clean training and test sets
+        (context ``training`` / ``evaluation``; MLflow's digest over the uint8 images and
+        labels, so runs on the same data share it) and the poisoned-index set (context
+        ``poisoning``; its file is the run's ``poisoned_indices.npy`` artifact)."""
+        import mlflow
+        import mlflow.data
+        import numpy as np
+        from mlflow.data.code_dataset_source import CodeDatasetSource
+
+        with warnings.catch_warnings():  # MLflow registers its local source twice and says so
+            warnings.filterwarnings("ignore", "The specified dataset source can be interpreted")
+            path = resolved.get("data.path")
+            source = (
+                str(Path(path).expanduser().resolve())  # a local dataset source
+                if path
+                else CodeDatasetSource({"loader": f"bdat_ray.data.sources:{data.name}"})
             )
-            self.set_tags({f"{TAG}model_uri": info.model_uri, f"{TAG}outcome": "finished"})
+            splits = {"train": "training", "test": "evaluation"}
+            datasets = [
+                mlflow.data.from_numpy(
+                    getattr(data, f"x_{split}").cpu().numpy(),
+                    targets=getattr(data, f"y_{split}").cpu().numpy(),
+                    source=source,
+                    name=f"{data.name}-{split}",
+                )
+                for split in splits
+            ]
+            contexts = list(splits.values())
+            indices = workdir / "poisoned_indices.npy"
+            if indices.is_file():
+                artifact = CodeDatasetSource({"artifact": f"runs:/{self.run_id}/{indices.name}"})
+                datasets.append(
+                    mlflow.data.from_numpy(
+                        np.load(indices), source=artifact, name=f"{data.name}-poisoned-indices"
+                    )
+                )
+                contexts.append("poisoning")
+            mlflow.log_inputs(datasets, contexts=contexts, tags_list=[None] * len(datasets))
 
     def fail(self, kind: str, reason: str) -> None:
         """Record why the trial failed and end the run FAILED (a retry reopens it)."""
         self.set_tags(
             {f"{TAG}outcome": "failed", f"{TAG}failure": reason[:4000], f"{TAG}failure_kind": kind}
         )
-        self.client.set_terminated(self.run_id, "FAILED")
+        self._end("FAILED")
+
+
+def _log_model(model: Any, data: Any, step: int, model_id: str) -> Any:
+    """Log ``model`` into the active run's LoggedModel ``model_id`` as a pt2 program taking
+    [0, 1] float32 NCHW images of any batch size (signature ``(-1, C, H, W)`` -> logits
+    ``(-1, classes)``); returns MLflow's `ModelInfo`. The pyfunc flavour scores numpy batches
+    (`mlflow models predict`)."""
+    import mlflow.pytorch
+    import numpy as np
+    import torch
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
+
+    example = (data.x_test[:EXAMPLE_BATCH].cpu().float() / 255).numpy()
+    with torch.no_grad():
+        classes = model(torch.from_numpy(example)).shape[1]
+    signature = ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, *example.shape[1:]))]),
+        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, classes))]),
+    )
+    return mlflow.pytorch.log_model(
+        model,
+        model_id=model_id,
+        serialization_format="pt2",
+        signature=signature,
+        input_example=example,
+        # The exported graph needs no project code to run; the source that trained it travels
+        # with it (a pip requirement on this package would name one no index serves).
+        code_paths=[str(PACKAGE_DIR)],
+        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"numpy=={np.__version__}"],
+        step=step,
+    )
 
 
 def _cpu_copy(model: Any, torch: Any) -> Any:

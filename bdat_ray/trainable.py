@@ -96,6 +96,7 @@ def run_trial(config: dict[str, Any], settings: TrialSettings, data: Any = None)
         raise
     run.log_params(cfg.to_flat())
     run.set_tags({"bdat_ray.config_hash": cfg.hash()})
+    run.monitor_system()
 
     def on_epoch(metrics: dict[str, float], checkpoint_dir: Path) -> None:
         run.log_epoch(metrics)
@@ -113,6 +114,10 @@ def run_trial(config: dict[str, Any], settings: TrialSettings, data: Any = None)
             epoch = (resume_from / EPOCH_MARKER).read_text()
             run.set_tags({"bdat_ray.resumed_after_epoch": epoch})
         try:
+            if data is None:  # loaded here, not in fit: MLflow records it as the run's input
+                from bdat_ray.data import load_dataset
+
+                data = load_dataset(cfg.data)
             result = fit(
                 cfg, workdir=workdir, resume_from=resume_from, on_epoch=on_epoch, data=data
             )
@@ -134,7 +139,12 @@ def run_trial(config: dict[str, Any], settings: TrialSettings, data: Any = None)
             **result.defense,  # detect_*, removed, clean_fraction, defense_seconds, ...
         }
         run.finish(
-            final, step=result.epochs, model=result.model, workdir=workdir, resolved=result.config
+            final,
+            step=result.epochs,
+            model=result.model,
+            workdir=workdir,
+            resolved=result.config,
+            data=data,
         )
     reported = {k: v for k, v in final.items() if v is not None}
     tune.report({**reported, "epoch": result.epochs, "final": True, "mlflow_run_id": run.run_id})

@@ -214,6 +214,53 @@ def test_cells_are_mean_and_sample_std_over_seeds():
     assert "mean ± std over 3 seeds" in table.note
 
 
+def test_seed_summary_front_is_drawn_from_the_means(tmp_path):
+    from analysis.seeds import has_repeats, seed_pareto_plot, seed_summary
+
+    rows = [
+        # no AT: 95 ± 1 acc, 100 ± 0 asr over three seeds
+        *(trial("badnets", acc=a, asr=100, seed=s) for s, a in enumerate((94, 95, 96))),
+        # linf: one lucky seed (asr 2) that alone would dominate spatial; its mean does not
+        *(
+            trial("badnets", "linf", "8/255", acc=90, asr=r, seed=s)
+            for s, r in enumerate((2, 60, 70))
+        ),
+        *(
+            trial("badnets", "spatial", "0.05", acc=91, asr=r, seed=s)
+            for s, r in enumerate((30, 31, 32))
+        ),
+        trial("badnets", "spatial", "0.05", acc=0, asr=0, seed=3, outcome="failed"),
+    ]
+    trials = pd.DataFrame(rows)
+    assert has_repeats(trials) and not has_repeats(trials.iloc[[0, 3]])
+    summary = seed_summary(trials, {"acc": "max", "asr": "min"}).set_index("threat")
+    assert summary["n"].to_dict() == {"none": 3, "linf": 3, "spatial": 3}  # failed: not a seed
+    assert summary.loc["none", "acc_mean"] == pytest.approx(95.0)
+    assert summary.loc["none", "acc_std"] == pytest.approx(1.0)
+    assert summary.loc["linf", "asr_mean"] == pytest.approx(44.0)
+    # sample std: sqrt((42² + 16² + 26²) / 2) = sqrt(1348)
+    assert summary.loc["linf", "asr_std"] == pytest.approx(1348**0.5)
+    assert summary["front"].to_dict() == {"none": True, "linf": False, "spatial": True}
+    assert seed_pareto_plot(trials, {"acc": "max", "asr": "min"}, tmp_path / "s.png", "t") == 2
+    assert (tmp_path / "s.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_repeated_cells_show_their_count():
+    trials = pd.DataFrame(
+        [
+            trial("badnets", acc=90, asr=10, seed=0),
+            trial("badnets", acc=92, asr=30, seed=1),
+            trial("badnets", "linf", "8/255", acc=80, asr=1, seed=0),
+        ]
+    )
+    table = cat_table(trials)
+    markdown = to_markdown(table)
+    assert "| badnets | 91.0 ± 1.4 / 20.0 ± 14.1 (n=2) | 80.0 / **1.0** (n=1) |" in markdown
+    assert "<td>20.0 ± 14.1<small> (n=2)</small></td>" in to_html(table)
+    single = cat_table(trials.iloc[[0, 2]])
+    assert "(n=" not in to_markdown(single)  # one seed everywhere: no counts
+
+
 def test_weng_layout_only_for_weng_triggers():
     trials = pd.DataFrame(
         [
@@ -287,6 +334,8 @@ max_concurrent: 2
 """
 FILES = [
     "pareto.png",
+    "pareto_seeds.png",  # BadNets without AT ran with two seeds
+    "seeds.csv",
     "hypervolume.png",
     "budget_curves.png",
     "table.md",
@@ -316,21 +365,28 @@ def report_cli(args: list[str], cwd: Path) -> tuple[subprocess.CompletedProcess,
     return proc, time.perf_counter() - started
 
 
+def sweep_cli(space: str, cwd: Path) -> subprocess.CompletedProcess:
+    """``python -m bdat_ray.sweep --space SPACE`` in ``cwd`` (its default store), which must
+    succeed."""
+    sweep = subprocess.run(
+        [sys.executable, "-m", "bdat_ray.sweep", "--space", space, "--storage", "results"],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=clean_env(),
+    )
+    assert sweep.returncode == 0, sweep.stdout + sweep.stderr[-3000:]
+    return sweep
+
+
 @pytest.fixture(scope="module")
 def swept(tmp_path_factory):
     """A real 8-trial sweep (7 finish, 1 diverges) into ``work/mlflow.db`` — the default
     store of a command run in ``work`` — and the report of it, run with no arguments."""
     work = tmp_path_factory.mktemp("analysis")
     (work / "tiny.yaml").write_text(textwrap.dedent(SPACE))
-    sweep = subprocess.run(
-        [sys.executable, "-m", "bdat_ray.sweep", "--space", "tiny.yaml", "--storage", "results"],
-        cwd=work,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=clean_env(),
-    )
-    assert sweep.returncode == 0, sweep.stdout + sweep.stderr[-3000:]
+    sweep_cli("tiny.yaml", work)
     report, seconds = report_cli([], work)
     (out,) = (work / "reports").iterdir()
     return {
@@ -499,6 +555,67 @@ def test_load_sweep_gives_one_row_per_trial_for_notebooks(swept):
     assert set(front["run_id"]) == set(listing.loc[listing["on_front"], "run_id"])
     for _, members in trials.groupby("group"):
         assert 0 < analysis.hypervolume(members) <= 1
+
+
+SEEDS_SPACE = """
+fixed:
+  train.epochs: 2
+  at.steps: 1
+  eval.robust_samples: 0
+dimensions:
+  at.threat: {grid: [none, linf]}
+  at.linf.eps: {grid: ["16/255"], when: {at.threat: [linf]}}
+num_samples: 3
+max_concurrent: 2
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.sweep
+def test_a_three_seed_grid_report_shows_mean_std_and_n(tmp_path):
+    from mlflow import MlflowClient
+
+    (tmp_path / "seeds.yaml").write_text(textwrap.dedent(SEEDS_SPACE))
+    sweep = sweep_cli("seeds.yaml", tmp_path)
+    assert "every combination 3× with train.seed + 0..2" in sweep.stdout
+    report, _ = report_cli(["--out", "r"], tmp_path)
+    assert report.returncode == 0, report.stderr
+
+    # Independently from the MLflow runs: per threat model, the three seeds' acc and asr.
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("seeds")
+    runs = client.search_runs(
+        [experiment.experiment_id], "tags.`bdat_ray.role` = 'trial'", max_results=100
+    )
+    expected = pd.DataFrame(
+        {
+            "threat": [r.data.params["at.threat"] for r in runs],
+            "seed": [int(r.data.params["train.seed"]) for r in runs],
+            "acc": [r.data.metrics["acc"] for r in runs],
+            "asr": [r.data.metrics["asr"] for r in runs],
+        }
+    )
+    assert sorted(expected["seed"]) == [0, 0, 1, 1, 2, 2]
+    stats = expected.groupby("threat")[["acc", "asr"]].agg(["mean", "std"])
+
+    summary = pd.read_csv(tmp_path / "r" / "seeds.csv").set_index("threat")
+    assert summary["n"].to_dict() == {"none": 3, "linf": 3}
+    assert (summary["seeds"] == "0,1,2").all()
+    for threat in ("none", "linf"):
+        for metric in ("acc", "asr"):
+            assert summary.loc[threat, f"{metric}_mean"] == pytest.approx(
+                stats.loc[threat, (metric, "mean")]
+            )
+            assert summary.loc[threat, f"{metric}_std"] == pytest.approx(
+                stats.loc[threat, (metric, "std")]
+            )
+    table = (tmp_path / "r" / "table.md").read_text()
+    none = stats.loc["none"]
+    cell = f"{none[('acc', 'mean')]:.1f} ± {none[('acc', 'std')]:.1f}"
+    assert cell in table and "(n=3)" in table and "mean ± std over 3 seeds" in table
+    page = (tmp_path / "r" / "index.html").read_text()
+    assert '<img src="pareto_seeds.png"' in page and "(n=3)" in page
+    assert (tmp_path / "r" / "pareto_seeds.png").read_bytes()[:4] == b"\x89PNG"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -173,6 +173,25 @@ def test_pareto_front_keeps_non_dominated_rows_only():
     assert pareto_front(rows, {"asr": "min"}) == [5]  # only the objectives are read
 
 
+def test_registry_picks_per_attack_setting():
+    from bdat_ray.sweep import registry_picks
+
+    group = "attack.name=badnets, attack.poison_rate=0.05"
+    front = [
+        {"group": group, "run_id": "a", "acc": 95.0, "asr": 100.0},
+        {"group": group, "run_id": "b", "acc": 90.0, "asr": 18.0},  # best acc with asr ≤ 20
+        {"group": group, "run_id": "c", "acc": 80.0, "asr": 4.0},  # lowest asr
+        {"group": "attack.name=blended", "run_id": "d", "acc": 94.0, "asr": 60.0},
+    ]
+    assert registry_picks(front) == {
+        "lowest-asr-badnets_0_05": "c",
+        "best-acc-asr-le-20-badnets_0_05": "b",
+        "lowest-asr-blended": "d",  # nothing under 20 %: no second alias
+    }
+    single = [{"group": "", "run_id": "x", "acc": 90.0, "asr": 10.0}]
+    assert registry_picks(single, asr_cap=5) == {"lowest-asr": "x"}
+
+
 def test_describe_trial_shows_resolved_budgets():
     assert describe_trial({"at.threat": "linf", "at.eps": "8/255"})["budgets"] == "8/255"
     cat = describe_trial({"at.threat": "cat"})

@@ -64,6 +64,15 @@ def tracking_uri(uri: str):
             os.environ.pop("MLFLOW_TRACKING_URI", None)
 
 
+def exported_predictions(model, images):
+    """Labels a reloaded model predicts for uint8 images. The model is a torch.export program:
+    eval-mode semantics are fixed in it, and torch refuses ``.eval()``/``.train()`` on it."""
+    import torch
+
+    with torch.no_grad():
+        return model(images.float() / 255).argmax(1)
+
+
 def space_file(directory: Path, body: str, name: str) -> Path:
     """TINY's fixed keys under the body's own (a space file may hold ``fixed`` only once)."""
     import yaml
@@ -225,6 +234,13 @@ def test_two_trial_sweep_end_to_end(grid_sweep):
         assert {"train_loss", "train_clean_acc", "epoch_seconds"} <= set(metrics)
         names = {a.path for a in client.list_artifacts(child.info.run_id)}
         assert "poisoned_indices.npy" in names and "result.json" in names
+        assert "system/cpu_utilization_percentage" in metrics  # sampled in the trial process
+        contexts = {d.dataset.name: d.tags[0].value for d in child.inputs.dataset_inputs}
+        assert contexts == {
+            "digits-train": "training",
+            "digits-test": "evaluation",
+            "digits-poisoned-indices": "poisoning",
+        }
     assert (grid_sweep["dir"] / "space.yaml").is_file()
 
 
@@ -251,18 +267,25 @@ def test_a_diverged_trial_fails_alone_and_is_not_retrained(grid_sweep):
 def test_logged_model_reloads_and_reproduces_its_acc(grid_sweep, digits):
     import mlflow.pytorch
 
-    from bdat_ray.metrics import clean_accuracy, predict
+    from bdat_ray.metrics import clean_accuracy
 
     client, _, children = mlflow_runs(grid_sweep["uri"], "small")
     with tracking_uri(grid_sweep["uri"]):
         for child in (c for c in children if c.info.status == "FINISHED"):
             model = mlflow.pytorch.load_model(child.data.tags["bdat_ray.model_uri"])
-            acc = clean_accuracy(predict(model, digits.x_test), digits.y_test)
+            acc = clean_accuracy(exported_predictions(model, digits.x_test), digits.y_test)
             assert abs(acc - child.data.metrics["acc"]) <= 0.5
         # Pareto-optimal models are registered and load by registry name too.
         versions = client.search_model_versions("name = 'small-pareto'")
         assert versions and all(v.tags["sweep_id"] == grid_sweep["dir"].name for v in versions)
         model = mlflow.pytorch.load_model(f"models:/small-pareto/{versions[0].version}")
+        # The sweep's picks are registry aliases (one attack setting: no suffix).
+        lowest = client.get_model_version_by_alias("small-pareto", "lowest-asr")
+        assert lowest.run_id in {v.run_id for v in versions}
+        assert f"lowest-asr → v{lowest.version}" in grid_sweep["proc"].stdout
+        assert mlflow.pytorch.load_model("models:/small-pareto@lowest-asr")(
+            digits.x_test[:1].float() / 255
+        ).shape == (1, 10)
     assert model(digits.x_test[:7].float() / 255).shape == (7, 10)  # any batch size
 
 
@@ -500,7 +523,7 @@ def mlflow_server(tmp_path):
 def test_sweep_logs_to_a_real_mlflow_server(tmp_path, mlflow_server, digits):
     import mlflow.pytorch
 
-    from bdat_ray.metrics import clean_accuracy, predict
+    from bdat_ray.metrics import clean_accuracy
 
     assert _listening_addresses(mlflow_server["port"]) == {"127.0.0.1"}
     space = space_file(
@@ -522,11 +545,11 @@ def test_sweep_logs_to_a_real_mlflow_server(tmp_path, mlflow_server, digits):
         assert child.info.artifact_uri.startswith("mlflow-artifacts:")
         with tracking_uri(mlflow_server["url"]):
             model = mlflow.pytorch.load_model(child.data.tags["bdat_ray.model_uri"])
-        acc = clean_accuracy(predict(model, digits.x_test), digits.y_test)
+        acc = clean_accuracy(exported_predictions(model, digits.x_test), digits.y_test)
         assert abs(acc - child.data.metrics["acc"]) <= 0.5
     # The artifacts went through the server into its --artifacts-destination.
     assert list(mlflow_server["artifacts"].rglob("poisoned_indices.npy"))
-    assert list(mlflow_server["artifacts"].rglob("model.pth"))
+    assert list(mlflow_server["artifacts"].rglob("model.pt2"))
 
 
 # ---------------------------------------------------------------------------------------------

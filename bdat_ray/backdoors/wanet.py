@@ -27,6 +27,7 @@ from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
+from kornia.geometry import create_meshgrid
 
 from bdat_ray.backdoors.base import Backdoor, PoisonedData
 from bdat_ray.backdoors.triggers import to_uint8
@@ -78,10 +79,8 @@ class WaNet(Backdoor):
         field = field / field.abs().mean()
         field = F.interpolate(field, size=(height, width), mode="bicubic", align_corners=True)
         field = field.permute(0, 2, 3, 1)
-        ys, xs = torch.meshgrid(
-            torch.linspace(-1, 1, height), torch.linspace(-1, 1, width), indexing="ij"
-        )
-        identity = torch.stack((xs, ys), dim=-1)[None]  # grid_sample wants (x, y)
+        # (1, H, W, 2) in grid_sample's (x, y) order, corners at ±1 (align_corners=True)
+        identity = create_meshgrid(height, width, normalized_coordinates=True)
         return ((identity + w.s * field / height) * w.grid_rescale).clamp(-1, 1)
 
     def _warp(self, x: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
