@@ -84,15 +84,35 @@ def reference_text(objectives: Mapping[str, str], ideal: bool = False) -> str:
     )
 
 
-def _badness(row: Mapping[str, float], objectives: Mapping[str, str]) -> tuple[float, ...] | None:
-    """A trial's percent objectives mapped to [0, 1], 0 best and 1 the reference (worst)."""
+def default_reference(objectives: Mapping[str, str]) -> dict[str, float]:
+    """The worst possible value of each percent objective: 0 % to maximise, 100 % to
+    minimise (a space's ``hypervolume.reference`` may set a tighter one)."""
+    goals = percent_objectives(objectives)
+    return {m: 0.0 if mode == "max" else 100.0 for m, mode in goals.items()}
+
+
+def normalised_point(
+    row: Mapping[str, float],
+    objectives: Mapping[str, str],
+    reference: Mapping[str, float] | None = None,
+) -> tuple[float, ...] | None:
+    """A trial's percent objectives mapped so that 0 is the ideal (100 % to maximise, 0 % to
+    minimise) and 1 the reference point (default: the worst value); a coordinate beyond the
+    reference is > 1 and the trial then adds no volume. None for a missing or NaN metric."""
+    worst = {**default_reference(objectives), **(reference or {})}
     values = []
     for metric, mode in objectives.items():
         value = row.get(metric)
         if value is None or not math.isfinite(value):
             return None
-        values.append((100 - value) / 100 if mode == "max" else value / 100)
+        ideal = 100.0 if mode == "max" else 0.0
+        values.append((ideal - value) / (ideal - worst[metric]))
     return tuple(values)
+
+
+def _badness(row: Mapping[str, float], objectives: Mapping[str, str]) -> tuple[float, ...] | None:
+    """A trial's percent objectives mapped to [0, 1], 0 best and 1 the reference (worst)."""
+    return normalised_point(row, objectives)
 
 
 def _goals(trials: pd.DataFrame, objectives: Mapping[str, str] | None) -> dict[str, str]:
