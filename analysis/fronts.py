@@ -76,10 +76,16 @@ def percent_objectives(objectives: Mapping[str, str]) -> dict[str, str]:
     return {m: mode for m, mode in objectives.items() if m in PERCENT_METRICS}
 
 
-def reference_text(objectives: Mapping[str, str], ideal: bool = False) -> str:
-    """The reference (worst) point, e.g. ``acc = 0 %, asr = 100 %``; or the ideal one."""
+def reference_text(
+    objectives: Mapping[str, str],
+    ideal: bool = False,
+    reference: Mapping[str, float] | None = None,
+) -> str:
+    """The reference point, e.g. ``acc = 0 %, asr = 100 %`` (the worst values unless the
+    space set ``reference``); or the ideal one."""
+    worst = {**default_reference(objectives), **(reference or {})}
     return ", ".join(
-        f"{m} = {0 if (mode == 'max') != ideal else 100} %"
+        f"{m} = {(100 if mode == 'max' else 0) if ideal else worst[m]:g} %"
         for m, mode in percent_objectives(objectives).items()
     )
 
@@ -136,13 +142,16 @@ def _covers(a: tuple[float, ...], b: tuple[float, ...]) -> bool:
 
 
 def hypervolume_curve(
-    trials: pd.DataFrame, objectives: Mapping[str, str] | None = None
+    trials: pd.DataFrame,
+    objectives: Mapping[str, str] | None = None,
+    reference: Mapping[str, float] | None = None,
 ) -> pd.DataFrame:
     """Hypervolume of each group after each finished trial, in the order the trials finished:
     columns ``finished`` (how many trials of the sweep had finished), ``group``,
     ``hypervolume``; one row per group per step from the group's first finished trial on.
     Each group keeps only its non-dominated points (they alone make the volume), so a long
-    sweep costs little more than a short one."""
+    sweep costs little more than a short one. ``reference``: the space's reference point
+    (`normalised_point`), default the worst values."""
     goals = _goals(trials, objectives)
     done = trials[trials["outcome"] == FINISHED].sort_values("end")
     groups = list(dict.fromkeys(done["group"]))
@@ -152,7 +161,7 @@ def hypervolume_curve(
     rows = []
     records = done[list(goals)].to_dict("records")
     for count, (group, row) in enumerate(zip(done["group"], records, strict=True), start=1):
-        point = _badness(row, goals)
+        point = normalised_point(row, goals, reference)
         front = fronts[group]
         if point is not None and not any(_covers(p, point) for p in front):
             fronts[group] = [p for p in front if not _covers(point, p)] + [point]

@@ -5,6 +5,8 @@ the Ray scheduler on real Ray ``Trial`` objects, and small real sweeps through t
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 import textwrap
 from pathlib import Path
 
@@ -288,6 +290,22 @@ def test_a_constrained_optuna_sweep_keeps_infeasible_trials_out_of_best_trials(t
         printed = {line.split()[0] for line in table.splitlines()[3:] if line.strip()}
         ray_ids = {t.user_attrs["ray_trial_id"] for t in best}
         assert ray_ids <= printed
+    # The report draws the feasible front and, from the study, importances and parallel
+    # coordinates, and says how to open the study in optuna-dashboard.
+    report = subprocess.run(
+        [sys.executable, "-m", "analysis.report", "--mlflow-uri", uri, "--out", "report"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert report.returncode == 0, report.stdout + report.stderr
+    for name in ("feasible.png", "importance.png", "parallel.png"):
+        assert (tmp_path / "report" / name).stat().st_size > 10_000, name
+    page = (tmp_path / "report" / "index.html").read_text()
+    assert "Feasible front" in page and "meet asr &lt;= 90" in page
+    assert f"optuna-dashboard sqlite:///{directory / 'optuna.db'}" in page
+    assert "reference point acc = 0 %, asr = 100 % (the worst values)" in page
 
 
 @pytest.mark.sweep
@@ -338,3 +356,13 @@ def test_a_grid_sweep_with_mo_asha_stops_exactly_the_dominated_trials(tmp_path):
     table = proc.stdout.split("Pareto front", 1)[1]
     printed = {line.split()[0] for line in table.splitlines()[3:] if line.strip()}
     assert printed and not printed & stopped
+
+
+def test_the_hypervolume_reference_point_moves_the_normalisation():
+    from analysis.fronts import normalised_point, reference_text
+
+    assert normalised_point({"acc": 50, "asr": 25}, GOALS) == (0.5, 0.25)
+    point = normalised_point({"acc": 75, "asr": 25}, GOALS, {"acc": 50, "asr": 50})
+    assert point == (0.5, 0.5)
+    assert reference_text(GOALS, reference={"asr": 50}) == "acc = 0 %, asr = 50 %"
+    assert reference_text(GOALS, ideal=True) == "acc = 100 %, asr = 0 %"
