@@ -1,4 +1,4 @@
-"""The Ray Tune adapter (with sweep.py, the only Ray importer).
+"""The Ray Tune adapter (with sweep.py and schedulers.py, the only Ray importers).
 
 - `run_trial`: one trial is one `engine.fit` run. It reports every epoch to Tune with the
   engine's checkpoint, continues from `tune.get_checkpoint()` when Tune restarts it (a retry
