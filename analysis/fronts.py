@@ -18,10 +18,9 @@ from collections.abc import Mapping, Sequence
 
 import pandas as pd
 
-from bdat_ray.search_space import DEFAULT_OBJECTIVES
+from bdat_ray.search_space import DEFAULT_OBJECTIVES, PERCENT_METRICS
 from bdat_ray.search_space import pareto_front as front_indices
 
-PERCENT_METRICS = ("acc", "asr", "robust_acc")
 FINISHED = "finished"
 
 

@@ -12,6 +12,11 @@ trial-epochs spent (trials in the order they ended).
     python -m benchmarks.early_stopping --storage DIR        # a sweep already in DIR is reused
 
 Only finished trials count towards a front, in both runs, as in the sweep's own table.
+
+The space runs one trial at a time and training is deterministic on a CPU, so the MO-ASHA
+run's decisions follow from the full run's epoch results: the table adds that replay
+(`replay`: the same `MultiObjectiveASHA` fed the full run's epochs in grid order), which
+must agree with the real MO-ASHA run — and stands in for it when only ``--full-only`` ran.
 """
 
 from __future__ import annotations
@@ -34,6 +39,9 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmarks.early_stopping", description=__doc__)
     p.add_argument("--space", type=Path, default=HERE / "early_stopping_space.yaml")
     p.add_argument("--storage", type=Path, default=Path("bench_early_stopping"))
+    p.add_argument(
+        "--full-only", action="store_true", help="run only the full sweep (and the replay)"
+    )
     return p
 
 
@@ -80,6 +88,49 @@ def trial_records(sweep_dir: Path) -> list[dict[str, Any]]:
     return sorted(records, key=lambda r: r["ended"])
 
 
+def replay(sweep_dir: Path, space: Path) -> list[dict[str, Any]]:
+    """The MO-ASHA run as it follows from the full run's epochs: trials in grid (start)
+    order, each fed epoch by epoch to a fresh `MultiObjectiveASHA` until it stops."""
+    from types import SimpleNamespace
+
+    import pandas as pd
+    from ray.tune.schedulers import TrialScheduler
+
+    from bdat_ray.schedulers import MultiObjectiveASHA
+    from bdat_ray.search_space import load_space
+
+    rule = load_space(space).early_stopping
+    scheduler = MultiObjectiveASHA(
+        GOALS,
+        max_t=int(load_space(space).value("train.epochs")),
+        grace_period=rule.grace_period,
+        reduction_factor=rule.reduction_factor,
+    )
+    records = []
+    for order, progress in enumerate(sorted(sweep_dir.glob("trial_*/progress.csv"))):
+        rows = pd.read_csv(progress)
+        epochs = rows[~rows["final"].astype(bool)].to_dict("records")
+        final = rows[rows["final"].astype(bool)].to_dict("records")
+        trial = SimpleNamespace(trial_id=progress.parent.name)
+        trained = 0
+        for row in epochs:
+            trained = int(row["epoch"])
+            if scheduler.on_trial_result(None, trial, row) == TrialScheduler.STOP:
+                break
+        done = trained == len(epochs) and bool(final)
+        records.append(
+            {
+                "trial": trial.trial_id,
+                "epochs": trained,
+                "finished": done,
+                "acc": final[-1]["acc"] if done else None,
+                "asr": final[-1]["asr"] if done else None,
+                "ended": order,
+            }
+        )
+    return records
+
+
 def curve(records: list[dict[str, Any]]) -> list[tuple[int, float]]:
     """(trial-epochs spent so far, hypervolume of the finished trials so far) per trial end."""
     spent, points, out = 0, [], []
@@ -100,11 +151,11 @@ def main(argv: list[str] | None = None) -> int:
     content.pop("early_stopping")
     full_space = args.storage / f"{args.space.stem}_full.yaml"
     full_space.write_text(yaml.safe_dump(content, sort_keys=False))
-    runs = {
-        "to completion": run_sweep(full_space, "es_full", args.storage),
-        "MO-ASHA": run_sweep(args.space, "es_mo_asha", args.storage),
-    }
+    runs = {"to completion": run_sweep(full_space, "es_full", args.storage)}
+    if not args.full_only:
+        runs["MO-ASHA"] = run_sweep(args.space, "es_mo_asha", args.storage)
     results = {label: trial_records(path) for label, path in runs.items()}
+    results["MO-ASHA replayed on the full run"] = replay(runs["to completion"], args.space)
     curves = {label: curve(records) for label, records in results.items()}
     full_epochs, full_hv = curves["to completion"][-1]
     print("\n| run | trials finished / stopped | trial-epochs | share | final HV | HV vs full |")
