@@ -18,10 +18,9 @@ from collections.abc import Mapping, Sequence
 
 import pandas as pd
 
-from bdat_ray.search_space import DEFAULT_OBJECTIVES
+from bdat_ray.search_space import DEFAULT_OBJECTIVES, PERCENT_METRICS
 from bdat_ray.search_space import pareto_front as front_indices
 
-PERCENT_METRICS = ("acc", "asr", "robust_acc")
 FINISHED = "finished"
 
 
@@ -76,23 +75,49 @@ def percent_objectives(objectives: Mapping[str, str]) -> dict[str, str]:
     return {m: mode for m, mode in objectives.items() if m in PERCENT_METRICS}
 
 
-def reference_text(objectives: Mapping[str, str], ideal: bool = False) -> str:
-    """The reference (worst) point, e.g. ``acc = 0 %, asr = 100 %``; or the ideal one."""
+def reference_text(
+    objectives: Mapping[str, str],
+    ideal: bool = False,
+    reference: Mapping[str, float] | None = None,
+) -> str:
+    """The reference point, e.g. ``acc = 0 %, asr = 100 %`` (the worst values unless the
+    space set ``reference``); or the ideal one."""
+    worst = {**default_reference(objectives), **(reference or {})}
     return ", ".join(
-        f"{m} = {0 if (mode == 'max') != ideal else 100} %"
+        f"{m} = {(100 if mode == 'max' else 0) if ideal else worst[m]:g} %"
         for m, mode in percent_objectives(objectives).items()
     )
 
 
-def _badness(row: Mapping[str, float], objectives: Mapping[str, str]) -> tuple[float, ...] | None:
-    """A trial's percent objectives mapped to [0, 1], 0 best and 1 the reference (worst)."""
+def default_reference(objectives: Mapping[str, str]) -> dict[str, float]:
+    """The worst possible value of each percent objective: 0 % to maximise, 100 % to
+    minimise (a space's ``hypervolume.reference`` may set a tighter one)."""
+    goals = percent_objectives(objectives)
+    return {m: 0.0 if mode == "max" else 100.0 for m, mode in goals.items()}
+
+
+def normalised_point(
+    row: Mapping[str, float],
+    objectives: Mapping[str, str],
+    reference: Mapping[str, float] | None = None,
+) -> tuple[float, ...] | None:
+    """A trial's percent objectives mapped so that 0 is the ideal (100 % to maximise, 0 % to
+    minimise) and 1 the reference point (default: the worst value); a coordinate beyond the
+    reference is > 1 and the trial then adds no volume. None for a missing or NaN metric."""
+    worst = {**default_reference(objectives), **(reference or {})}
     values = []
     for metric, mode in objectives.items():
         value = row.get(metric)
         if value is None or not math.isfinite(value):
             return None
-        values.append((100 - value) / 100 if mode == "max" else value / 100)
+        ideal = 100.0 if mode == "max" else 0.0
+        values.append((ideal - value) / (ideal - worst[metric]))
     return tuple(values)
+
+
+def _badness(row: Mapping[str, float], objectives: Mapping[str, str]) -> tuple[float, ...] | None:
+    """A trial's percent objectives mapped to [0, 1], 0 best and 1 the reference (worst)."""
+    return normalised_point(row, objectives)
 
 
 def _goals(trials: pd.DataFrame, objectives: Mapping[str, str] | None) -> dict[str, str]:
@@ -116,13 +141,16 @@ def _covers(a: tuple[float, ...], b: tuple[float, ...]) -> bool:
 
 
 def hypervolume_curve(
-    trials: pd.DataFrame, objectives: Mapping[str, str] | None = None
+    trials: pd.DataFrame,
+    objectives: Mapping[str, str] | None = None,
+    reference: Mapping[str, float] | None = None,
 ) -> pd.DataFrame:
     """Hypervolume of each group after each finished trial, in the order the trials finished:
     columns ``finished`` (how many trials of the sweep had finished), ``group``,
     ``hypervolume``; one row per group per step from the group's first finished trial on.
     Each group keeps only its non-dominated points (they alone make the volume), so a long
-    sweep costs little more than a short one."""
+    sweep costs little more than a short one. ``reference``: the space's reference point
+    (`normalised_point`), default the worst values."""
     goals = _goals(trials, objectives)
     done = trials[trials["outcome"] == FINISHED].sort_values("end")
     groups = list(dict.fromkeys(done["group"]))
@@ -132,7 +160,7 @@ def hypervolume_curve(
     rows = []
     records = done[list(goals)].to_dict("records")
     for count, (group, row) in enumerate(zip(done["group"], records, strict=True), start=1):
-        point = _badness(row, goals)
+        point = normalised_point(row, goals, reference)
         front = fronts[group]
         if point is not None and not any(_covers(p, point) for p in front):
             fronts[group] = [p for p in front if not _covers(point, p)] + [point]

@@ -268,9 +268,13 @@ def _threat_legend(fig: Any, done: pd.DataFrame, colors: dict[str, Any], line: b
 
 
 def hypervolume_plot(
-    trials: pd.DataFrame, objectives: Mapping[str, str], path: Path, title: str
+    trials: pd.DataFrame,
+    objectives: Mapping[str, str],
+    path: Path,
+    title: str,
+    reference: Mapping[str, float] | None = None,
 ) -> None:
-    curve = hypervolume_curve(trials, objectives)
+    curve = hypervolume_curve(trials, objectives, reference)
     labels = trials.drop_duplicates("group").set_index("group")["setting"]
     fig = _figure(7.5, 4.6)
     ax = fig.subplots()
@@ -287,7 +291,7 @@ def hypervolume_plot(
     ax.text(
         0.99,
         0.03,
-        f"reference point: {reference_text(objectives)}\n"
+        f"reference point: {reference_text(objectives, reference=reference)}\n"
         f"1 = the ideal trial: {reference_text(objectives, ideal=True)}",
         transform=ax.transAxes,
         ha="right",

@@ -22,6 +22,7 @@ from analysis.fronts import percent_objectives, reference_text
 from analysis.load import Sweep, read_sweep
 from analysis.page import DEFAULT_UI, Figure, index_html
 from analysis.plots import budget_plot, hypervolume_plot, pareto_plot
+from analysis.search import hypervolume_reference, search_section
 from analysis.seeds import has_repeats, seed_pareto_plot, seed_summary
 from analysis.tables import tables, to_frame, to_markdown
 from bdat_ray.cli import Parser, main_guard
@@ -78,21 +79,28 @@ def write_report(sweep: Sweep, out: Path, ui_url: str = DEFAULT_UI) -> list[Path
     if has_repeats(trials):
         written += _seed_files(sweep, out, figures)
     notes = []
+    reference = hypervolume_reference(sweep)
     if percent_objectives(objectives):
         written.append(out / "hypervolume.png")
-        hypervolume_plot(trials, objectives, written[-1], title)
+        hypervolume_plot(trials, objectives, written[-1], title, reference)
         figures.append(
             Figure(
                 "hypervolume.png",
                 "Hypervolume",
                 "Dominated hypervolume of each attack setting's finished trials after each "
                 "finished trial, normalised to [0, 1]; reference point "
-                f"{reference_text(objectives)}; 1 = the ideal trial "
+                f"{reference_text(objectives, reference=reference)}"
+                + (" (set by the space)" if reference else " (the worst values)")
+                + "; 1 = the ideal trial "
                 f"({reference_text(objectives, ideal=True)}).",
             )
         )
     else:
         notes.append("No hypervolume: no objective is in percent (acc, asr, robust_acc).")
+    searched = search_section(sweep, out, title)
+    written += searched[0]
+    figures += searched[1]
+    notes += searched[2]
     threats = budget_plot(trials, out / "budget_curves.png", title)
     if threats:
         written.append(out / "budget_curves.png")

@@ -17,6 +17,10 @@ A space file is plain YAML — nothing in it is evaluated. Its sections::
     max_concurrent: 2            # trials in flight at once (default: grid no limit, Optuna 4)
     resources: {cpu: 1, gpu: 0.25}   # per trial; fractional GPUs share one device
     early_stopping: {metric: acc, mode: max, grace_period: 2, reduction_factor: 3}  # ASHA
+    # early_stopping: {method: mo_asha, grace_period: 1, reduction_factor: 3}  # on objectives
+    constraints: {asr: "<= 10"}  # feasible trials only: in the front, Optuna's best_trials
+    sampler: {name: tpe, multivariate: true}   # Optuna: tpe | nsga2 | gp | auto (bdat_ray.samplers)
+    hypervolume: {reference: {acc: 0, asr: 100}}   # the worst point (default as shown)
     seed: 0                      # Optuna sampler seed
     variants:                    # grid only: a union of sub-grids sharing everything above
       - name: wide               # e.g. one factor changed at a time, as papers' tables do
@@ -49,6 +53,7 @@ from pathlib import Path
 from typing import Any
 
 from bdat_ray.config import INT64, ConfigError, flatten, from_flat, leaf, parse_value
+from bdat_ray.samplers import SamplerSpec, parse_sampler
 
 #: Metrics a trial reports at the end (percent, seconds, images/s); objectives pick from these.
 METRICS = (
@@ -70,6 +75,9 @@ DEFENSE_METRICS = (
     "clean_fraction",
     "defense_seconds",
 )
+#: Metrics every epoch reports (percent): what multi-objective early stopping can judge.
+EPOCH_METRICS = ("acc", "asr")
+PERCENT_METRICS = ("acc", "asr", "robust_acc")
 GRID, CHOICE, UNIFORM, LOGUNIFORM, INT = "grid", "choice", "uniform", "loguniform", "int"
 KINDS = (GRID, CHOICE, UNIFORM, LOGUNIFORM, INT)
 SECTIONS = (
@@ -81,6 +89,9 @@ SECTIONS = (
     "max_concurrent",
     "resources",
     "early_stopping",
+    "constraints",
+    "sampler",
+    "hypervolume",
     "seed",
     "variants",
 )
@@ -151,6 +162,51 @@ class EarlyStopping:
 
 
 @dataclass(frozen=True)
+class MultiObjectiveEarlyStopping:
+    """MO-ASHA (Schmucker et al., 2021) on the space's objectives: at each rung
+    (``grace_period`` × ``reduction_factor``^k epochs) a trial goes on if it is on the
+    non-dominated front of the rung's results so far or in their top 1/``reduction_factor``
+    (`mo_rung_keeps`); otherwise it stops, and never enters a front."""
+
+    grace_period: int = 1
+    reduction_factor: float = 3.0
+    method: str = "mo_asha"
+
+
+CONSTRAINT_OPS = ("<=", ">=")
+
+
+@dataclass(frozen=True)
+class Constraint:
+    """``metric <= bound`` or ``metric >= bound`` on a trial's final result, in the metric's
+    unit (percent for acc/asr/robust_acc, seconds, images/s)."""
+
+    metric: str
+    op: str
+    bound: float
+
+    def violation(self, value: float | None) -> float:
+        """Optuna's convention: ≤ 0 when the constraint holds, else by how much it misses
+        (metric units). A missing or NaN value misses by infinity."""
+        if value is None or not math.isfinite(value):
+            return math.inf
+        return value - self.bound if self.op == "<=" else self.bound - value
+
+    def describe(self) -> str:
+        return f"{self.metric} {self.op} {self.bound:g}"
+
+
+def feasible(row: Mapping[str, Any], constraints: Sequence[Constraint]) -> bool:
+    """The one feasibility rule (sweep table, Optuna, report): every constraint holds on the
+    row's metrics; a row missing a constrained metric is infeasible."""
+    return all(c.violation(row.get(c.metric)) <= 0 for c in constraints)
+
+
+def describe_constraints(constraints: Sequence[Constraint]) -> str:
+    return ", ".join(c.describe() for c in constraints)
+
+
+@dataclass(frozen=True)
 class Variant:
     """A sub-grid: the space's settings with ``fixed`` pinned and ``dimensions`` added (a
     dimension of the same key as one of the space's replaces it)."""
@@ -171,7 +227,12 @@ class SearchSpace:
     max_concurrent: int | None = None
     cpus: float = 1.0
     gpus: float = 0.0
-    early_stopping: EarlyStopping | None = None
+    early_stopping: EarlyStopping | MultiObjectiveEarlyStopping | None = None
+    constraints: tuple[Constraint, ...] = ()
+    sampler: SamplerSpec | None = None  # None: the default (`search_sampler`)
+    #: The hypervolume's reference (worst) point per percent objective; unset ones take
+    #: the worst value (0 % to maximise, 100 % to minimise).
+    hypervolume_reference: dict[str, float] = field(default_factory=dict)
     seed: int = 0
     variants: tuple[Variant, ...] = ()
     overrides: dict[str, Any] = field(default_factory=dict)  # KEY=VALUE pins from the CLI
@@ -199,6 +260,11 @@ class SearchSpace:
             dimensions=(*kept, *variant.dimensions),
             variants=(),
         )
+
+    @property
+    def search_sampler(self) -> SamplerSpec:
+        """The Optuna sampler to run: the space's, else ``auto``."""
+        return self.sampler or SamplerSpec()
 
     @property
     def samples(self) -> int:
@@ -356,6 +422,7 @@ def load_space(path: str | Path) -> SearchSpace:
         num_samples=_optional_int(where, "num_samples", content.get("num_samples")),
         max_concurrent=_optional_int(where, "max_concurrent", content.get("max_concurrent")),
         early_stopping=_parse_early_stopping(where, content.get("early_stopping")),
+        **_parse_search_sections(where, content),
         seed=_optional_int(where, "seed", content.get("seed"), minimum=0, maximum=SAMPLER_SEED_MAX)
         or 0,
         **_parse_resources(where, content.get("resources") or {}),
@@ -552,18 +619,128 @@ def _parse_early_stopping(where: str, raw: Any) -> EarlyStopping | None:
         return None
     at = f"{where}: early_stopping"
     allowed = ("metric", "mode", "grace_period", "reduction_factor")
-    if not isinstance(raw, Mapping) or any(k not in allowed for k in raw):
-        raise ConfigError(at, f"takes {', '.join(allowed)}")
-    rule = EarlyStopping(**raw)
+    if isinstance(raw, Mapping) and raw.get("method", "asha") != "asha":
+        return _parse_mo_early_stopping(at, raw)
+    if not isinstance(raw, Mapping) or any(k not in (*allowed, "method") for k in raw):
+        raise ConfigError(at, f"takes method, {', '.join(allowed)}")
+    rule = EarlyStopping(**{k: v for k, v in raw.items() if k != "method"})
     if rule.metric not in METRICS or rule.mode not in ("max", "min"):
         raise ConfigError(at, f"metric is one of {', '.join(METRICS)} and mode max or min")
+    _check_rungs(at, rule)
+    return rule
+
+
+def _check_rungs(at: str, rule: EarlyStopping | MultiObjectiveEarlyStopping) -> None:
     grace = rule.grace_period
     if isinstance(grace, bool) or not isinstance(grace, int) or not 1 <= grace <= INT64_MAX:
         raise ConfigError(f"{at}.grace_period", "must be an integer ≥ 1 (epochs)")
     factor = rule.reduction_factor
     if isinstance(factor, bool) or not isinstance(factor, int | float) or not 1 < factor < math.inf:
         raise ConfigError(f"{at}.reduction_factor", "must be a number > 1")
+
+
+# ---------------------------------------------------------------------------------------------
+# What to search for and how: multi-objective early stopping, constraints, the sampler, the
+# hypervolume's reference point.
+
+EARLY_STOPPING_METHODS = ("asha", "mo_asha")
+
+
+def _parse_mo_early_stopping(at: str, raw: Mapping[str, Any]) -> MultiObjectiveEarlyStopping:
+    method = raw.get("method")
+    if method not in EARLY_STOPPING_METHODS:
+        raise ConfigError(
+            f"{at}.method", f"unknown method {method!r}; one of {', '.join(EARLY_STOPPING_METHODS)}"
+        )
+    allowed = ("method", "grace_period", "reduction_factor")
+    extra = [k for k in raw if k not in allowed]
+    if extra:
+        hint = " (mo_asha judges the space's objectives)" if extra[0] in ("metric", "mode") else ""
+        raise ConfigError(f"{at}.{extra[0]}", f"mo_asha takes {', '.join(allowed)}{hint}")
+    rule = MultiObjectiveEarlyStopping(**{k: v for k, v in raw.items() if k != "method"})
+    _check_rungs(at, rule)
     return rule
+
+
+def _parse_search_sections(where: str, content: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``constraints``, ``sampler`` and ``hypervolume`` sections as `SearchSpace`
+    fields; checked against the objectives and the early-stopping rule."""
+    objectives = _parse_objectives(where, content.get("objectives", DEFAULT_OBJECTIVES))
+    rule = content.get("early_stopping")
+    if isinstance(rule, Mapping) and rule.get("method") == "mo_asha":
+        per_epoch_not = [m for m in objectives if m not in EPOCH_METRICS]
+        if per_epoch_not:
+            raise ConfigError(
+                f"{where}: early_stopping.method",
+                f"mo_asha judges the objectives at every epoch, but {per_epoch_not[0]} is "
+                f"measured only at the end; epoch metrics: {', '.join(EPOCH_METRICS)}",
+            )
+    try:
+        raw = content.get("sampler")
+        sampler = None if raw is None else parse_sampler(raw)
+    except ValueError as err:
+        key, message = err.args
+        raise ConfigError(f"{where}: sampler" + (f".{key}" if key else ""), message) from None
+    return {
+        "constraints": _parse_constraints(where, content.get("constraints")),
+        "sampler": sampler,
+        "hypervolume_reference": _parse_hypervolume(where, content.get("hypervolume"), objectives),
+    }
+
+
+def parse_constraint(metric: str, text: Any) -> Constraint:
+    """``"<= 10"`` or ``">= 90"`` (a comparison and a number; nothing is evaluated) for a
+    metric of `METRICS`. Raises ValueError with the reason."""
+    if metric not in METRICS:
+        raise ValueError(f"unknown metric; one of {', '.join(METRICS)}")
+    body = str(text).strip()
+    op = next((o for o in CONSTRAINT_OPS if body.startswith(o)), None)
+    try:
+        bound = float(body[len(op) :]) if op else math.nan
+    except ValueError:
+        bound = math.nan
+    if op is None or not math.isfinite(bound):
+        raise ValueError(f'must be "<= NUMBER" or ">= NUMBER" (quoted); got {text!r}')
+    return Constraint(metric, op, bound)
+
+
+def _parse_constraints(where: str, raw: Any) -> tuple[Constraint, ...]:
+    if raw is None:
+        return ()
+    if not isinstance(raw, Mapping) or not raw:
+        raise ConfigError(f"{where}: constraints", 'must map metrics to "<= N" or ">= N"')
+    constraints = []
+    for metric, text in raw.items():
+        try:
+            constraints.append(parse_constraint(metric, text))
+        except ValueError as err:
+            raise ConfigError(f"{where}: constraints.{metric}", str(err)) from None
+    return tuple(constraints)
+
+
+def _parse_hypervolume(where: str, raw: Any, objectives: Mapping[str, str]) -> dict[str, float]:
+    if raw is None:
+        return {}
+    at = f"{where}: hypervolume"
+    if not isinstance(raw, Mapping) or set(raw) != {"reference"}:
+        raise ConfigError(at, "takes reference: {OBJECTIVE: worst value, ...}")
+    reference = raw["reference"]
+    if not isinstance(reference, Mapping):
+        raise ConfigError(f"{at}.reference", "must map objectives to numbers (percent)")
+    percent = [m for m in objectives if m in PERCENT_METRICS]
+    point = {}
+    for metric, value in reference.items():
+        key = f"{at}.reference.{metric}"
+        if metric not in percent:
+            raise ConfigError(key, f"not an objective in percent; one of {', '.join(percent)}")
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+        ideal = 100 if objectives[metric] == "max" else 0
+        if not ok or not 0 <= value <= 100 or value == ideal:
+            raise ConfigError(
+                key, f"must be a percentage other than the ideal {ideal}; got {value!r}"
+            )
+        point[metric] = float(value)
+    return point
 
 
 def _parse_resources(where: str, raw: Any) -> dict[str, float]:
@@ -647,6 +824,16 @@ def _check_settings(space: SearchSpace, where: str) -> None:
             raise ConfigError(
                 f"{where}: objectives.robust_acc", "needs eval.robust_samples > 0 (it is 0)"
             )
+        if "robust_acc" in {c.metric for c in space.constraints} and (
+            branch.value("eval.robust_samples") == 0
+        ):
+            raise ConfigError(
+                f"{where}: constraints.robust_acc", "needs eval.robust_samples > 0 (it is 0)"
+            )
+    if space.sampler is not None and space.mode == GRID:
+        raise ConfigError(
+            f"{where}: sampler", "is for sampled (Optuna) spaces; a grid space runs every trial"
+        )
     if space.variants and space.mode != GRID:
         raise ConfigError(f"{where}: variants", "are for grid spaces; Optuna samples one space")
     if space.mode == "optuna" and space.num_samples is None:
@@ -738,6 +925,69 @@ def pareto_front(rows: Sequence[Mapping[str, Any]], objectives: Mapping[str, str
         if not dominated:
             front.append(i)
     return front
+
+
+def nondominated_fronts(
+    rows: Sequence[Mapping[str, Any]], objectives: Mapping[str, str]
+) -> list[list[int]]:
+    """Non-dominated sorting (Deb et al., 2002, NSGA-II): front 0 is `pareto_front` of the
+    rows, front 1 that of the rest, and so on. Rows missing an objective are in no front."""
+    remaining = list(range(len(rows)))
+    fronts: list[list[int]] = []
+    while remaining:
+        front = [remaining[i] for i in pareto_front([rows[j] for j in remaining], objectives)]
+        if not front:
+            break
+        fronts.append(front)
+        taken = set(front)
+        remaining = [i for i in remaining if i not in taken]
+    return fronts
+
+
+def crowding_distances(
+    rows: Sequence[Mapping[str, Any]], objectives: Mapping[str, str]
+) -> list[float]:
+    """NSGA-II's crowding distance of each row within ``rows`` (one front): per objective, the
+    gap between its two neighbours over the objective's range, summed; the extremes of each
+    objective get infinity (Deb et al., 2002, Sec. III-B)."""
+    distances = [0.0] * len(rows)
+    for metric in objectives:
+        order = sorted(range(len(rows)), key=lambda i: rows[i][metric])
+        low, high = rows[order[0]][metric], rows[order[-1]][metric]
+        distances[order[0]] = distances[order[-1]] = math.inf
+        if high == low:
+            continue
+        for before, here, after in zip(order, order[1:], order[2:], strict=False):
+            distances[here] += (rows[after][metric] - rows[before][metric]) / (high - low)
+    return distances
+
+
+def mo_rung_keeps(
+    results: Sequence[Mapping[str, Any]], objectives: Mapping[str, str], reduction_factor: float
+) -> bool:
+    """MO-ASHA's decision for the trial whose result arrived last in ``results`` (the rung's
+    results so far, in arrival order): go on, or stop?
+
+    The results are ranked by non-dominated sorting, and inside a front by crowding distance
+    (largest first; NSGA-II's tie-break, one of the two the MO-ASHA paper offers — Schmucker
+    et al., 2021, Sec. 3). As asynchronous successive halving decides at arrival, the trial
+    goes on if at most a 1/``reduction_factor`` share of the results rank strictly ahead of
+    it (syne-tune's ``moasha.py`` rule: ``rank / n <= 1 / reduction_factor``) — and always if
+    it is on the rung's non-dominated front: nothing seen so far dominates it, so stopping it
+    could cut a point of the final front (a deviation from the paper, which may stop trials
+    of a front larger than the kept share). A result missing an objective stops."""
+    new = len(results) - 1
+    fronts = nondominated_fronts(results, objectives)
+    mine = next((front for front in fronts if new in front), None)
+    if mine is None:
+        return False
+    if mine is fronts[0]:
+        return True
+    distances = crowding_distances([results[i] for i in mine], objectives)
+    crowding = dict(zip(mine, distances, strict=True))
+    ahead = sum(len(front) for front in fronts[: fronts.index(mine)])
+    ahead += sum(crowding[i] > crowding[new] for i in mine)
+    return ahead / len(results) <= 1 / reduction_factor
 
 
 # ---------------------------------------------------------------------------------------------

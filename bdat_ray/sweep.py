@@ -35,11 +35,15 @@ from bdat_ray.config import ConfigError, from_flat, parse_overrides
 from bdat_ray.preflight import check_tracking_uri, writable_dir
 from bdat_ray.search_space import (
     GRID,
+    METRICS,
+    MultiObjectiveEarlyStopping,
     SearchSpace,
     check_points,
+    describe_constraints,
     describe_trial,
     environment_group,
     environment_keys,
+    feasible,
     load_space,
     pareto_front,
     show_value,
@@ -120,7 +124,8 @@ def plan_text(space: SearchSpace, name: str) -> str:
                 f": every combination {space.samples}× with train.seed + 0..{space.samples - 1}"
             )
     else:
-        search = f"Optuna multi-objective search (TPE, seed {space.seed}), {count} trials"
+        sampler = space.search_sampler.describe()
+        search = f"Optuna multi-objective search ({sampler}, seed {space.seed}), {count} trials"
     goals = ", ".join(
         f"{m} {'↑' if mode == 'max' else '↓'}" for m, mode in space.objectives.items()
     )
@@ -134,7 +139,18 @@ def plan_text(space: SearchSpace, name: str) -> str:
         f"resources  {space.cpus:g} CPU + {space.gpus:g} GPU per trial; "
         + (f"at most {limit} at once" if limit else "as many at once as resources allow"),
     ]
-    if space.early_stopping:
+    if space.constraints:
+        lines.append(
+            f"feasible   {describe_constraints(space.constraints)} (final results; only "
+            "feasible trials enter the front)"
+        )
+    if isinstance(space.early_stopping, MultiObjectiveEarlyStopping):
+        rule = space.early_stopping
+        lines.append(
+            f"stopping   MO-ASHA on {', '.join(space.objectives)}, grace {rule.grace_period} "
+            f"epochs, factor {rule.reduction_factor:g}; stopped trials never enter the front"
+        )
+    elif space.early_stopping:
         rule = space.early_stopping
         lines.append(
             f"stopping   ASHA on {rule.metric} ({rule.mode}), grace {rule.grace_period} epochs, "
@@ -312,6 +328,7 @@ def _build_tuner(space: SearchSpace, record: dict[str, Any], trainable: Any, cal
         import optuna
         from ray.tune.search import ConcurrencyLimiter
 
+        from bdat_ray.samplers import build_sampler
         from bdat_ray.search_space import OptunaSpace
 
         searcher = ConcurrencyLimiter(
@@ -321,11 +338,14 @@ def _build_tuner(space: SearchSpace, record: dict[str, Any], trainable: Any, cal
                 mode=list(space.objectives.values()),
                 storage=optuna.storages.RDBStorage(f"sqlite:///{record['optuna_storage']}"),
                 study_name=record["sweep_id"],
-                seed=space.seed,
+                sampler=build_sampler(space.search_sampler, space.seed),
+                constraints=space.constraints,
             ),
             max_concurrent=space.concurrency,
         )
-    if space.early_stopping:
+    if isinstance(space.early_stopping, MultiObjectiveEarlyStopping):
+        scheduler = _mo_scheduler(space)
+    elif space.early_stopping:
         from ray.tune.schedulers import ASHAScheduler
 
         rule = space.early_stopping
@@ -357,6 +377,18 @@ def _build_tuner(space: SearchSpace, record: dict[str, Any], trainable: Any, cal
             callbacks=[callback],
             verbose=0,
         ),
+    )
+
+
+def _mo_scheduler(space: SearchSpace) -> Any:
+    from bdat_ray.schedulers import MultiObjectiveASHA
+
+    rule = space.early_stopping
+    return MultiObjectiveASHA(
+        space.objectives,
+        max_t=_max_epochs(space),
+        grace_period=rule.grace_period,
+        reduction_factor=rule.reduction_factor,
     )
 
 
@@ -552,6 +584,12 @@ def _start_tracking(space: SearchSpace, record: dict[str, Any], uri: str, sweep_
             "objectives": ",".join(f"{k}:{v}" for k, v in space.objectives.items()),
             "early_stopping": space.early_stopping,
             "sampler_seed": space.seed if space.mode != GRID else None,
+            "sampler": space.search_sampler.describe() if space.mode != GRID else None,
+            "constraints": describe_constraints(space.constraints) or None,
+            "hypervolume_reference": ",".join(
+                f"{m}={v:g}" for m, v in space.hypervolume_reference.items()
+            )
+            or None,
             "overrides": " ".join(f"{k}={v}" for k, v in record["overrides"].items()),
         },
         tags={
@@ -669,7 +707,7 @@ def trial_rows(
                 "group": environment_group(flat, environment),
                 "run_id": last.get("mlflow_run_id"),
                 **describe_trial(flat),
-                **{m: last.get(m) for m in ("acc", "asr", "robust_acc", "seconds")},
+                **{m: last.get(m) for m in METRICS},
             }
         )
     return rows, environment
@@ -677,10 +715,15 @@ def trial_rows(
 
 def pareto_rows(space: SearchSpace, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The finished trials on the Pareto front of the space's objectives, drawn per
-    environment group (combination of swept attack/data keys)."""
+    environment group (combination of swept attack/data keys), among the feasible ones
+    when the space has constraints."""
     front = []
     for group in sorted({r["group"] for r in rows}):
-        members = [r for r in rows if r["group"] == group and r["outcome"] == "finished"]
+        members = [
+            r
+            for r in rows
+            if r["group"] == group and r["outcome"] == "finished" and feasible(r, space.constraints)
+        ]
         front += [members[i] for i in pareto_front(members, space.objectives)]
     first, mode = next(iter(space.objectives.items()))
     return sorted(front, key=lambda r: (r["group"], -r[first] if mode == "max" else r[first]))
@@ -724,6 +767,15 @@ def pareto_table(front: list[dict[str, Any]]) -> str:
     ]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def _no_feasible_text(space: SearchSpace, rows: list[dict[str, Any]]) -> str:
+    """Why the feasible front is empty: no finished trial meets the constraints."""
+    finished = [r for r in rows if r["outcome"] == "finished"]
+    return (
+        f"none: no finished trial (of {len(finished)}) meets "
+        f"{describe_constraints(space.constraints)}"
+    )
 
 
 def _report(
@@ -779,8 +831,10 @@ def _report(
     print(f"\n{summary} of {space.trial_count} trials; this run took {seconds:.0f} s")
     goals = ", ".join(f"{m} {mode}" for m, mode in space.objectives.items())
     per = " — one front per attack setting" if any(r["group"] for r in rows) else ""
+    if space.constraints:
+        per = f"; feasible: {describe_constraints(space.constraints)}{per}"
     print(f"Pareto front ({goals}{per}):")
-    print(table)
+    print(table if front or not space.constraints else _no_feasible_text(space, rows))
     print()
     print(f"MLflow     {tracking.browse_hint(uri)}")
     print(f"           experiment {record['name']}, parent run {record['sweep_id']}")

@@ -1,4 +1,4 @@
-"""The Ray Tune adapter (with sweep.py, the only Ray importer).
+"""The Ray Tune adapter (with sweep.py and schedulers.py, the only Ray importers).
 
 - `run_trial`: one trial is one `engine.fit` run. It reports every epoch to Tune with the
   engine's checkpoint, continues from `tune.get_checkpoint()` when Tune restarts it (a retry
@@ -6,7 +6,9 @@
   ends with a report carrying ``final: True``.
 - `FinalOnlyOptunaSearch`: Ray tells Optuna a trial stopped early by a scheduler is COMPLETE
   with its partial metrics; here only a ``final`` result is COMPLETE, others are PRUNED, so a
-  half-trained model never enters the study's Pareto front.
+  half-trained model never enters the study's Pareto front. With constraints, each final
+  result's violations are stored on the study trial before it is told (Optuna's
+  ``Trial.set_constraint``), so samplers and ``study.best_trials`` see feasibility.
 - `SweepProgress`: one readable line per trial event, and the MLflow outcome of trials that
   could not record it themselves (stopped early, or the process died).
 
@@ -27,7 +29,7 @@ import ray
 from ray import tune
 from ray.tune.search.optuna import OptunaSearch
 
-from bdat_ray.search_space import describe_trial
+from bdat_ray.search_space import Constraint, describe_trial
 from bdat_ray.tracking import SweepTracking, mark_trial, note_recovery, redact
 
 progress = logging.getLogger("bdat_ray.progress")
@@ -157,7 +159,12 @@ def trial_name(trial: Any) -> str:
 
 
 class FinalOnlyOptunaSearch(OptunaSearch):
-    """`OptunaSearch` that tells the study COMPLETE only for results with ``final: True``."""
+    """`OptunaSearch` that tells the study COMPLETE only for results with ``final: True``,
+    with the space's ``constraints`` evaluated on that final result."""
+
+    def __init__(self, *args: Any, constraints: tuple[Constraint, ...] = (), **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.constraints = constraints
 
     def suggest(self, trial_id: str) -> dict[str, Any] | None:
         params = super().suggest(trial_id)
@@ -173,6 +180,10 @@ class FinalOnlyOptunaSearch(OptunaSearch):
                 self._ot_study.tell(self._ot_trials[trial_id], state=optuna.trial.TrialState.PRUNED)
                 self._completed_trials.add(trial_id)
             return
+        if result and not error and trial_id not in self._completed_trials:
+            for constraint in self.constraints:
+                violation = constraint.violation(result.get(constraint.metric))
+                self._ot_trials[trial_id].set_constraint(constraint.describe(), violation)
         super().on_trial_complete(trial_id, result=result, error=error)
 
 

@@ -1,0 +1,218 @@
+"""MO-ASHA against the same sweep run to completion: ``python -m benchmarks.early_stopping``
+
+The grid of ``benchmarks/early_stopping_space.yaml`` is trained to completion, epoch by epoch;
+its MO-ASHA run is the same trials fed, in grid order, to `bdat_ray.schedulers.
+MultiObjectiveASHA` — the scheduler the sweep runs — each trial stopping where the scheduler
+says STOP. The space runs one trial at a time and training is deterministic on a CPU, so a
+stopped trial's epochs are exactly those it would have trained in the sweep, and the
+decisions are the sweep's (`tests/test_search_fit.py` checks that a real Ray sweep stops
+exactly the trials this replay of its epochs stops). Prints, as Markdown: trial-epochs spent
+(a stopped trial counts the epochs it trained), trials stopped, and the dominated
+hypervolume (`analysis.fronts`, normalised, reference acc 0 % / asr 100 %) of the finished
+trials' front, with the curve of hypervolume against trial-epochs spent.
+
+    python -m benchmarks.early_stopping          # in process (engine.fit)
+    python -m benchmarks.early_stopping --ray    # both sweeps through the sweep CLI
+
+In process, every trained trial is appended to ``--out`` (JSON lines) and a rerun continues.
+With ``--ray`` the two sweeps run through ``python -m bdat_ray.sweep`` into ``--storage``
+(a sweep already there is reused) and the MO-ASHA row is the real run, beside the replay.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from analysis.fronts import dominated_volume, normalised_point
+
+HERE = Path(__file__).resolve().parent
+GOALS = {"acc": "max", "asr": "min"}
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.early_stopping", description=__doc__)
+    p.add_argument("--space", type=Path, default=HERE / "early_stopping_space.yaml")
+    p.add_argument("--out", type=Path, default=Path("bench_early_stopping.jsonl"))
+    p.add_argument("--ray", action="store_true", help="run both sweeps through the sweep CLI")
+    p.add_argument("--storage", type=Path, default=Path("bench_early_stopping"))
+    return p
+
+
+# ---------------------------------------------------------------------------------------------
+# A trial: its epoch results (epoch, acc, asr) and its final acc/asr.
+
+
+def train_in_process(space_path: Path, out: Path) -> list[dict[str, Any]]:
+    """Every grid point trained to completion with `engine.fit`, in grid order."""
+    import torch
+
+    from bdat_ray.config import from_flat
+    from bdat_ray.data import load_dataset
+    from bdat_ray.engine import fit
+    from bdat_ray.search_space import load_space
+
+    torch.set_num_threads(1)
+    space = load_space(space_path)
+    points = space.grid_points()
+    done = [json.loads(t) for t in out.read_text().splitlines()] if out.is_file() else []
+    data_keys = {k: v for k, v in points[0].items() if k.startswith("data.")}
+    data = load_dataset(from_flat(data_keys).data)
+    for index in range(len(done), len(points)):
+        epochs: list[dict[str, float]] = []
+
+        def record(metrics: dict[str, float], _checkpoint: Any, into: list = epochs) -> None:
+            into.append({k: metrics[k] for k in ("epoch", "acc", "asr", "epoch_seconds")})
+
+        result = fit(from_flat({**points[index], "device": "cpu"}), data=data, on_epoch=record)
+        trial = {"trial": f"{index:05d}", "point": repr(points[index]), "epochs": epochs}
+        trial |= {"acc": result.acc, "asr": result.asr, "seconds": result.seconds}
+        with out.open("a") as f:
+            f.write(json.dumps(trial) + "\n")
+        done.append(trial)
+        print(
+            f"trial {index + 1}/{len(points)}: acc {result.acc:.1f} asr {result.asr:.1f} "
+            f"({result.seconds:.0f} s)",
+            flush=True,
+        )
+    return done
+
+
+def _sweep_dir(storage: Path, name: str) -> Path | None:
+    found = sorted(p.parent for p in storage.glob(f"{name}-*/sweep.json"))
+    return found[-1] if found else None
+
+
+def run_sweep(space: Path, name: str, storage: Path) -> list[dict[str, Any]]:
+    """A sweep through the CLI (unless one of ``name`` is in ``storage``); its trials in
+    start order, read from Ray's progress files."""
+    import pandas as pd
+
+    if _sweep_dir(storage, name) is None:
+        uri = f"sqlite:///{(storage / 'mlflow.db').resolve()}"
+        command = [sys.executable, "-m", "bdat_ray.sweep", "--space", str(space), "--name", name]
+        command += ["--storage", str(storage), "--mlflow-uri", uri]
+        print("$", " ".join(command), flush=True)
+        subprocess.run(command, check=True)
+    trials = []
+    for progress in sorted(_sweep_dir(storage, name).glob("trial_*/progress.csv")):
+        rows = pd.read_csv(progress)
+        final = rows[rows["final"].astype(bool)]
+        trials.append(
+            {
+                "trial": progress.parent.name,
+                "epochs": rows[~rows["final"].astype(bool)][["epoch", "acc", "asr"]].to_dict(
+                    "records"
+                ),
+                "acc": float(final["acc"].iloc[-1]) if len(final) else None,
+                "asr": float(final["asr"].iloc[-1]) if len(final) else None,
+            }
+        )
+    return trials
+
+
+# ---------------------------------------------------------------------------------------------
+# Outcomes: epochs spent and the hypervolume reached.
+
+
+def outcome(trial: dict[str, Any], epochs_trained: int, epochs_total: int) -> dict[str, Any]:
+    finished = epochs_trained == epochs_total and trial["acc"] is not None
+    return {
+        "trial": trial["trial"],
+        "epochs": epochs_trained,
+        "finished": finished,
+        "acc": trial["acc"] if finished else None,
+        "asr": trial["asr"] if finished else None,
+    }
+
+
+def as_run(trials: list[dict[str, Any]], total: int) -> list[dict[str, Any]]:
+    """Trials as they ran (a sweep's own record)."""
+    return [
+        outcome(t, int(max((e["epoch"] for e in t["epochs"]), default=0)), total) for t in trials
+    ]
+
+
+def mo_asha_replay(
+    trials: list[dict[str, Any]], space_path: Path, total: int
+) -> list[dict[str, Any]]:
+    """The trials fed epoch by epoch, in order, to the sweep's MO-ASHA scheduler."""
+    from ray.tune.experiment import Trial
+    from ray.tune.schedulers import TrialScheduler
+
+    from bdat_ray.schedulers import MultiObjectiveASHA
+    from bdat_ray.search_space import load_space
+
+    rule = load_space(space_path).early_stopping
+    scheduler = MultiObjectiveASHA(
+        GOALS, max_t=total, grace_period=rule.grace_period, reduction_factor=rule.reduction_factor
+    )
+    runs = []
+    for trial in trials:
+        stub = Trial("__fake", stub=True)  # a real Ray trial, as in Ray's scheduler tests
+        trained = 0
+        for epoch in trial["epochs"]:
+            trained = int(epoch["epoch"])
+            report = {**epoch, "epochs": total, "final": False}
+            if scheduler.on_trial_result(None, stub, report) == TrialScheduler.STOP:
+                break
+        runs.append(outcome(trial, trained, total))
+    return runs
+
+
+def curve(records: list[dict[str, Any]]) -> list[tuple[int, float]]:
+    """(trial-epochs spent so far, hypervolume of the finished trials so far) per trial end."""
+    spent, points, out = 0, [], []
+    for record in records:
+        spent += record["epochs"]
+        if record["finished"]:
+            point = normalised_point(record, GOALS)
+            if point is not None:
+                points.append(point)
+        out.append((spent, dominated_volume(points, [1.0, 1.0])))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    from bdat_ray.search_space import load_space
+
+    total = int(load_space(args.space).value("train.epochs"))
+    if args.ray:
+        import yaml
+
+        args.storage.mkdir(parents=True, exist_ok=True)
+        content = yaml.safe_load(args.space.read_text())
+        content.pop("early_stopping")
+        full_space = args.storage / f"{args.space.stem}_full.yaml"
+        full_space.write_text(yaml.safe_dump(content, sort_keys=False))
+        full = run_sweep(full_space, "es_full", args.storage)
+        real = run_sweep(args.space, "es_mo_asha", args.storage)
+        results = {"to completion": as_run(full, total), "MO-ASHA (Ray sweep)": as_run(real, total)}
+    else:
+        full = train_in_process(args.space, args.out)
+        results = {"to completion": as_run(full, total)}
+    results["MO-ASHA"] = mo_asha_replay(full, args.space, total)
+    curves = {label: curve(records) for label, records in results.items()}
+    full_epochs, full_hv = curves["to completion"][-1]
+    print("\n| run | trials finished / stopped | trial-epochs | share | final HV | HV vs full |")
+    print("|---|---|---|---|---|---|")
+    for label, records in results.items():
+        epochs, volume = curves[label][-1]
+        done = sum(r["finished"] for r in records)
+        print(
+            f"| {label} | {done} / {len(records) - done} | {epochs} | "
+            f"{epochs / full_epochs:.0%} | {volume:.4f} | {volume / full_hv - 1:+.2%} |"
+        )
+    for label, points in curves.items():
+        shown = ", ".join(f"{e}: {v:.4f}" for e, v in points)
+        print(f"\n{label} — hypervolume after each trial (trial-epochs: HV): {shown}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
