@@ -268,6 +268,10 @@ class SweepProgress(tune.Callback):
 
     def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         kind, message = _error(trial)
+        if kind in DETERMINISTIC_ERRORS:
+            # Tune retries without limit (sweep.MAX_FAILURES, for spot reclaims); this makes
+            # the next failure final: the retry's `TrialFailedBefore`, raised at once.
+            trial.max_failures = 0
         if kind == "TrialFailedBefore":
             return  # the first failure was reported; this retry ended at once
         if kind in DETERMINISTIC_ERRORS:
