@@ -398,6 +398,7 @@ def optuna_storage(path: str) -> Any:
         return optuna.storages.RDBStorage(f"sqlite:///{path}")
     from optuna.storages.journal import JournalFileBackend
 
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     return optuna.storages.JournalStorage(JournalFileBackend(path))
 
 
