@@ -206,6 +206,7 @@ def _basic_auth_mlflow(tmp_path: Path, password: str):
             "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
             "MLFLOW_AUTH_CONFIG_PATH": str(tmp_path / "auth.ini"),
             "MLFLOW_AUTH_ADMIN_PASSWORD": password,
+            "MLFLOW_FLASK_SERVER_SECRET_KEY": os.urandom(16).hex(),  # CSRF; per server start
         },
     )
     url = f"http://127.0.0.1:{port}"
@@ -225,7 +226,6 @@ def _ray_head(env: dict[str, str], log: Path):
     ports = {
         "--port": _free_port(),
         "--dashboard-port": dashboard,
-        "--ray-client-server-port": _free_port(),
         "--dashboard-agent-listen-port": _free_port(),
         "--dashboard-agent-grpc-port": _free_port(),
         "--runtime-env-agent-port": _free_port(),
