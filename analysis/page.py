@@ -13,6 +13,7 @@ import pandas as pd
 
 from analysis.load import Sweep
 from analysis.tables import Table, to_html
+from bdat_ray.sweep import study_hint
 from bdat_ray.tracking import browse_hint, redact
 
 DEFAULT_UI = "http://127.0.0.1:5000"
@@ -92,9 +93,8 @@ def _meta(sweep: Sweep, ui_url: str) -> str:
         ("models", f"registered as <code>{e(sweep.experiment)}-pareto</code> (the front)"),
     ]
     if sweep.tags.get("bdat_ray.optuna_storage"):  # Optuna spaces: the study outlives the sweep
-        load = (
-            f"optuna.load_study(study_name='{sweep.tags.get('bdat_ray.optuna_study', '')}', "
-            f"storage='sqlite:///{sweep.tags['bdat_ray.optuna_storage']}')"
+        load = study_hint(
+            sweep.tags.get("bdat_ray.optuna_study", ""), sweep.tags["bdat_ray.optuna_storage"]
         )
         items.append(("Optuna study", f"<code>{e(load)}</code>"))
     if sweep.params.get("overrides"):

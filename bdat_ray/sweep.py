@@ -7,9 +7,11 @@
     python -m bdat_ray.sweep --resume                          # continue the latest sweep
 
 A grid space runs as Tune's grid search; any sampled dimension makes it an Optuna
-multi-objective search (`trainable.FinalOnlyOptunaSearch`) whose study lives in
-``STORAGE/SWEEP_ID/optuna.db``. Every trial is an MLflow child run of the sweep's parent run
-(`tracking`). Progress goes to stderr; the Pareto table and where to look next to stdout.
+multi-objective search (`trainable.FinalOnlyOptunaSearch`) whose study is an Optuna journal,
+``STORAGE/SWEEP_ID/optuna.journal`` (`optuna_storage`). ``--storage`` may be a local or shared
+directory or any URI Ray Tune accepts (``s3://``, ``gs://``; `bdat_ray.storage`). Every trial
+is an MLflow child run of the sweep's parent run (`tracking`). Progress goes to stderr; the
+Pareto table and where to look next to stdout.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from bdat_ray import storage as store
+from bdat_ray.cache import cache_dir
 from bdat_ray.cli import config_parser, main_guard
 from bdat_ray.config import ConfigError, from_flat, parse_overrides
 from bdat_ray.preflight import check_tracking_uri, writable_dir
@@ -54,9 +58,13 @@ SPACES_DIR = Path(__file__).resolve().parents[1] / "search_spaces"
 DEFAULT_SPACE = SPACES_DIR / "quickstart.yaml"
 DEFAULT_STORAGE = "bdat_results"
 RECORD = "sweep.json"
-#: Retries of a trial from its last checkpoint (lost node, preempted spot instance, ...).
-#: Divergence and bad configs are not retried: the trial stops at once (tracking.py).
-MAX_FAILURES = 2
+STUDY_FILE = "optuna.journal"
+#: Ray Tune's retries of a trial from its last checkpoint: unlimited (-1), because Tune counts
+#: every lost node as a failure, and AWS reclaiming a spot instance is one (Tune exempts only
+#: nodes its own autoscaler drains). The trial itself bounds what a retry would repeat
+#: (`tracking.TrialRun.open`): divergence and bad configs stop at once, an exception in the
+#: trial is retried `tracking.ERROR_RETRIES` times, and `tracking.MAX_ATTEMPTS` caps all.
+MAX_FAILURES = -1
 OUTCOMES = ("finished", "failed", "stopped", "unfinished")
 EXIT_INTERRUPTED = 130  # the shell's code for a run stopped by Ctrl-C
 NAME_CHARS = frozenset(string.ascii_letters + string.digits + "._-")
@@ -95,10 +103,10 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--storage",
-        type=Path,
-        metavar="PATH",
-        default=Path(DEFAULT_STORAGE),
-        help=f"results and checkpoints (default ./{DEFAULT_STORAGE}; shared storage on a cluster)",
+        metavar="PATH|URI",
+        default=DEFAULT_STORAGE,
+        help=f"results and checkpoints: a folder (default ./{DEFAULT_STORAGE}; shared storage "
+        "on a cluster) or a URI Ray Tune accepts (s3://bucket/path, gs://...)",
     )
     p.add_argument(
         "--resume",
@@ -211,29 +219,28 @@ def _check_name(name: str) -> str:
     return name
 
 
-def _fresh_sweep_dir(storage: Path, name: str) -> Path:
+def _fresh_sweep_dir(storage: str, name: str) -> str:
     """``STORAGE/NAME-YYYYmmdd-HHMMSS`` (sweep names repeat, sweep ids do not)."""
     stamp = f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    storage.mkdir(parents=True, exist_ok=True)
     for suffix in ["", *(f"-{i}" for i in range(2, 100))]:
-        path = storage / f"{stamp}{suffix}"
-        try:
-            path.mkdir()
-            return path
-        except FileExistsError:
-            continue
+        location = store.join(storage, f"{stamp}{suffix}")
+        if store.make_new_dir(location):
+            return location
     raise ConfigError("--storage", f"cannot create a new sweep folder in {storage}")
 
 
-def find_sweep(storage: Path, name: str | None) -> Path:
+def find_sweep(storage: str, name: str | None) -> str:
     """The most recent sweep in ``storage`` (of sweep name or id ``name`` when given)."""
-    if not storage.is_dir():
+    if not store.is_remote(storage) and not Path(storage).is_dir():
         raise ConfigError("--resume", f"no sweep to resume: {storage} is not a folder")
     records = []
-    for path in storage.glob(f"*/{RECORD}"):
+    for folder in store.subdirs(storage):
+        path = store.join(folder, RECORD)
+        if not store.exists(path):
+            continue
         record = read_record(path)
         if name in (None, record["name"], record["sweep_id"]):
-            records.append((record["created"], path.parent))
+            records.append((record["created"], folder))
     if not records:
         which = f" named {name}" if name else ""
         raise ConfigError("--resume", f"no sweep{which} in {storage}")
@@ -244,15 +251,17 @@ def find_sweep(storage: Path, name: str | None) -> Path:
 RECORD_KEYS = ("name", "sweep_id", "created", "overrides", "settings", "storage", "parent_run_id")
 
 
-def read_record(path: Path) -> dict[str, Any]:
+def read_record(location: str) -> dict[str, Any]:
     """A sweep's ``sweep.json``; a truncated, empty or foreign one is a `ConfigError`."""
     try:
-        record = json.loads(path.read_text(encoding="utf-8"))
+        record = json.loads(store.read_text(location))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ConfigError("--resume", f"{path} is not a readable sweep record ({err})") from None
+        raise ConfigError(
+            "--resume", f"{location} is not a readable sweep record ({err})"
+        ) from None
     missing = [k for k in RECORD_KEYS if not isinstance(record, dict) or k not in record]
     if missing:
-        raise ConfigError("--resume", f"{path} is not a sweep record (no {missing[0]})")
+        raise ConfigError("--resume", f"{location} is not a sweep record (no {missing[0]})")
     return record
 
 
@@ -325,7 +334,6 @@ def _build_tuner(space: SearchSpace, record: dict[str, Any], trainable: Any, cal
     if space.mode == GRID:
         param_space = {GRID_POINT: tune.grid_search(space.grid_points())}
     else:
-        import optuna
         from ray.tune.search import ConcurrencyLimiter
 
         from bdat_ray.samplers import build_sampler
@@ -336,7 +344,7 @@ def _build_tuner(space: SearchSpace, record: dict[str, Any], trainable: Any, cal
                 space=OptunaSpace(space),
                 metric=list(space.objectives),
                 mode=list(space.objectives.values()),
-                storage=optuna.storages.RDBStorage(f"sqlite:///{record['optuna_storage']}"),
+                storage=optuna_storage(record["optuna_storage"]),
                 study_name=record["sweep_id"],
                 sampler=build_sampler(space.search_sampler, space.seed),
                 constraints=space.constraints,
@@ -392,7 +400,7 @@ def _mo_scheduler(space: SearchSpace) -> Any:
     )
 
 
-def _new_sweep(args: argparse.Namespace, storage: Path) -> tuple[SearchSpace, dict[str, Any]]:
+def _new_sweep(args: argparse.Namespace, storage: str) -> tuple[SearchSpace, dict[str, Any]]:
     overrides = parse_overrides(args.overrides)
     space = load_space(args.space or DEFAULT_SPACE)
     space = space.with_overrides(overrides).with_settings(
@@ -412,12 +420,12 @@ def _new_sweep(args: argparse.Namespace, storage: Path) -> tuple[SearchSpace, di
             "cpus": space.cpus,
             "gpus": space.gpus,
         },
-        "storage": str(storage),
+        "storage": storage,
     }
     return space, record
 
 
-def _resumed_sweep(args: argparse.Namespace, storage: Path) -> tuple[SearchSpace, dict[str, Any]]:
+def _resumed_sweep(args: argparse.Namespace, storage: str) -> tuple[SearchSpace, dict[str, Any]]:
     given = [
         flag
         for flag, value in (
@@ -432,9 +440,70 @@ def _resumed_sweep(args: argparse.Namespace, storage: Path) -> tuple[SearchSpace
     if given:
         raise ConfigError("--resume", f"continues with the sweep's own settings; drop {given[0]}")
     sweep_dir = find_sweep(storage, args.name or (args.space and args.space.stem))
-    record = read_record(sweep_dir / RECORD)
-    space = load_space(sweep_dir / "space.yaml").with_overrides(record["overrides"])
+    record = read_record(store.join(sweep_dir, RECORD))
+    space_copy = _local_copy(store.join(sweep_dir, "space.yaml"), record["sweep_id"])
+    space = load_space(space_copy).with_overrides(record["overrides"])
     return space.with_settings(**record["settings"]), record
+
+
+# ---------------------------------------------------------------------------------------------
+# Where the Optuna study lives.
+
+
+def optuna_storage(path: str) -> Any:
+    """The study's Optuna storage. A journal (`JournalFileBackend`: an append-only log under
+    a file lock made with an atomic symlink) works on shared file systems such as NFS/EFS,
+    where SQLite's locking is unreliable — Optuna's documented choice for NFS. Sweeps
+    recorded before it kept SQLite (``optuna.db``) and resume with it."""
+    import optuna
+
+    if path.endswith(".db"):
+        return optuna.storages.RDBStorage(f"sqlite:///{path}")
+    from optuna.storages.journal import JournalFileBackend
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    return optuna.storages.JournalStorage(JournalFileBackend(path))
+
+
+def _study_path(sweep_dir: str) -> str:
+    """The journal's path: inside the sweep folder on a (shared) file system; for object
+    storage, which has no locks or appends, a local file that `_push_study` copies beside
+    the results and `_pull_study` brings back for ``--resume``."""
+    if not store.is_remote(sweep_dir):
+        return store.join(sweep_dir, STUDY_FILE)
+    return str(cache_dir() / "optuna" / sweep_dir.rsplit("/", 1)[1] / STUDY_FILE)
+
+
+def _study_copy(record: dict[str, Any]) -> str | None:
+    """The durable copy of a remote sweep's journal, or None (a grid, or a file system)."""
+    if not record.get("optuna_storage") or not store.is_remote(record["storage"]):
+        return None
+    return store.join(record["storage"], record["sweep_id"], STUDY_FILE)
+
+
+def _push_study(record: dict[str, Any]) -> None:
+    copy = _study_copy(record)
+    if copy and Path(record["optuna_storage"]).is_file():
+        store.upload(Path(record["optuna_storage"]), copy)
+
+
+def _pull_study(record: dict[str, Any]) -> None:
+    """The journal only grows: the longer of the local and the stored copy is the newer."""
+    copy = _study_copy(record)
+    if copy is None:
+        return
+    local = Path(record["optuna_storage"])
+    if store.size(copy) > (local.stat().st_size if local.is_file() else -1):
+        store.download(copy, local)
+
+
+def _local_copy(location: str, sweep_id: str) -> Path:
+    """A local path for a file of the sweep (downloaded when the storage is remote)."""
+    if not store.is_remote(location):
+        return Path(location)
+    local = cache_dir() / "sweeps" / sweep_id / location.rsplit("/", 1)[1]
+    store.download(location, local)
+    return local
 
 
 @main_guard
@@ -442,7 +511,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     from bdat_ray import tracking
 
-    storage = writable_dir("--storage", args.storage.expanduser().resolve())
+    storage = store.resolve(args.storage)
+    if not store.is_remote(storage):
+        writable_dir("--storage", storage)
     space, record = _resumed_sweep(args, storage) if args.resume else _new_sweep(args, storage)
     uri = tracking.resolve_tracking_uri(args.mlflow_uri)
     uri_key = "--mlflow-uri" if args.mlflow_uri else "MLFLOW_TRACKING_URI"
@@ -453,7 +524,10 @@ def main(argv: list[str] | None = None) -> int:
             print(grid_listing(space))
         print(f"{space.trial_count} trials, {space.cpus:g} CPU + {space.gpus:g} GPU each")
         return 0
-    return run_sweep(space, record, uri, resume=args.resume)
+    try:
+        return run_sweep(space, record, uri, resume=args.resume)
+    finally:
+        _push_study(record)
 
 
 def run_sweep(space: SearchSpace, record: dict[str, Any], uri: str, *, resume: bool) -> int:
@@ -473,21 +547,21 @@ def run_sweep(space: SearchSpace, record: dict[str, Any], uri: str, *, resume: b
 
     data = _shared_data(space)  # a missing dataset fails here, before Ray or MLflow start
     check_against_data(space, data)
-    storage = Path(record["storage"])
     if resume:
-        sweep_dir = storage / record["sweep_id"]
+        sweep_dir = store.join(record["storage"], record["sweep_id"])
         from ray.tune import Tuner
 
-        if not Tuner.can_restore(str(sweep_dir)):
+        if not Tuner.can_restore(sweep_dir):
             raise ConfigError(
                 "--resume",
                 f"{sweep_dir} stopped before Ray Tune saved its first state; start it again",
             )
         sweep = tracking.reopen_sweep(uri, record["parent_run_id"], record["sweep_id"])
+        _pull_study(record)
         print(f"resuming   {sweep_dir}", flush=True)
     else:
-        with _removed_on_failure(storage, uri) as made:
-            sweep_dir = _fresh_sweep_dir(storage, record["name"])
+        with _removed_on_failure(record["storage"], uri) as made:
+            sweep_dir = _fresh_sweep_dir(record["storage"], record["name"])
             made.append(sweep_dir)
             sweep = _start_tracking(space, record, uri, sweep_dir)
     print(f"sweep id   {record['sweep_id']}  (MLflow {tracking.redact(uri)})", flush=True)
@@ -536,21 +610,24 @@ def check_against_data(space: SearchSpace, data: Any) -> None:
 
 
 @contextlib.contextmanager
-def _removed_on_failure(storage: Path, uri: str) -> Iterator[list[Path]]:
+def _removed_on_failure(storage: str, uri: str) -> Iterator[list[str]]:
     """Folders made inside the block (appended to the list it yields), and ``storage`` if
     the block created it, are removed again when the block fails: a sweep that could not
-    start leaves nothing behind. A failure to reach MLflow becomes a one-line error."""
+    start leaves nothing behind (on a local or shared file system; an object store keeps
+    the empty prefix). A failure to reach MLflow becomes a one-line error."""
     from bdat_ray.tracking import redact
 
-    existed = storage.exists()
-    made: list[Path] = []
+    local = None if store.is_remote(storage) else Path(storage)
+    existed = local is None or local.exists()
+    made: list[str] = []
     try:
         yield made
     except BaseException as err:
-        for path in made:
-            shutil.rmtree(path, ignore_errors=True)
-        if not existed:
-            shutil.rmtree(storage, ignore_errors=True)
+        if local is not None:
+            for path in made:
+                shutil.rmtree(path, ignore_errors=True)
+            if not existed:
+                shutil.rmtree(local, ignore_errors=True)
         if isinstance(err, ConfigError | KeyboardInterrupt):
             raise
         first = str(err).strip().splitlines()[0] if str(err).strip() else ""
@@ -560,14 +637,14 @@ def _removed_on_failure(storage: Path, uri: str) -> Iterator[list[Path]]:
         ) from None
 
 
-def _start_tracking(space: SearchSpace, record: dict[str, Any], uri: str, sweep_dir: Path) -> Any:
+def _start_tracking(space: SearchSpace, record: dict[str, Any], uri: str, sweep_dir: str) -> Any:
     """The new sweep's parent run and its ``sweep.json`` (written last: a folder without
     one is a sweep that never started)."""
     from bdat_ray import tracking
 
-    record["sweep_id"] = sweep_dir.name
-    shutil.copyfile(space.path, sweep_dir / "space.yaml")
-    record["optuna_storage"] = str(sweep_dir / "optuna.db") if space.mode != GRID else None
+    record["sweep_id"] = sweep_dir.rsplit("/", 1)[1]
+    store.write_text(store.join(sweep_dir, "space.yaml"), Path(space.path).read_text())
+    record["optuna_storage"] = _study_path(sweep_dir) if space.mode != GRID else None
     sweep = tracking.start_sweep(
         uri,
         experiment=record["name"],
@@ -594,8 +671,8 @@ def _start_tracking(space: SearchSpace, record: dict[str, Any], uri: str, sweep_
         },
         tags={
             "bdat_ray.space_hash": space_hash(space),
-            "bdat_ray.ray_experiment_dir": str(sweep_dir),
-            "bdat_ray.optuna_storage": record["optuna_storage"] or "",
+            "bdat_ray.ray_experiment_dir": sweep_dir,
+            "bdat_ray.optuna_storage": _study_copy(record) or record["optuna_storage"] or "",
             "bdat_ray.optuna_study": record["sweep_id"] if record["optuna_storage"] else "",
         },
     )
@@ -606,7 +683,7 @@ def _start_tracking(space: SearchSpace, record: dict[str, Any], uri: str, sweep_
         "mode": space.mode,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
-    (sweep_dir / RECORD).write_text(json.dumps(record, indent=2))
+    store.write_text(store.join(sweep_dir, RECORD), json.dumps(record, indent=2))
     return sweep
 
 
@@ -614,7 +691,7 @@ def _run_tuner(
     space: SearchSpace,
     record: dict[str, Any],
     sweep: Any,
-    sweep_dir: Path,
+    sweep_dir: str,
     data: Any,
     uri: str,
     *,
@@ -635,7 +712,7 @@ def _run_tuner(
                 file=sys.stderr,
             )
         settings = TrialSettings(
-            tracking=sweep, cpus=space.cpus, gpus=space.gpus, results_dir=str(sweep_dir)
+            tracking=sweep, cpus=space.cpus, gpus=space.gpus, results_dir=sweep_dir
         )
         trainable = tune.with_resources(
             tune.with_parameters(run_trial, settings=settings, data=data),
@@ -645,7 +722,7 @@ def _run_tuner(
             # Errored trials too: one that died or lost MLflow continues from its checkpoint,
             # one that diverged or had a bad config ends at once (`TrialFailedBefore`).
             tuner = tune.Tuner.restore(
-                str(sweep_dir), trainable, resume_unfinished=True, resume_errored=True
+                sweep_dir, trainable, resume_unfinished=True, resume_errored=True
             )
         else:
             tuner = _build_tuner(space, record, trainable, SweepProgress(sweep, space.trial_count))
@@ -658,6 +735,15 @@ def _run_tuner(
     return _report(space, record, sweep, time.perf_counter() - started, uri, trials)
 
 
+def study_hint(study_name: str, path: str) -> str:
+    """The line of Python that loads a sweep's study (printed, and on the report page)."""
+    if path.endswith(".db"):
+        storage = f"'sqlite:///{path}'"
+    else:
+        storage = f"optuna.storages.JournalStorage(JournalFileBackend('{path}'))"
+    return f"optuna.load_study(study_name='{study_name}', storage={storage}).best_trials"
+
+
 def _close_orphan_study_trials(record: dict[str, Any]) -> None:
     """A driver killed between asking Optuna and saving its state leaves study trials
     RUNNING forever (the restored searcher asks again); once the sweep is complete they are
@@ -665,7 +751,7 @@ def _close_orphan_study_trials(record: dict[str, Any]) -> None:
     import optuna
 
     study = optuna.load_study(
-        study_name=record["sweep_id"], storage=f"sqlite:///{record['optuna_storage']}"
+        study_name=record["sweep_id"], storage=optuna_storage(record["optuna_storage"])
     )
     for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
         study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
@@ -676,7 +762,7 @@ def _close_orphan_study_trials(record: dict[str, Any]) -> None:
 
 
 def trial_rows(
-    sweep_dir: Path, trials: list[Any] | None = None
+    sweep_dir: str, trials: list[Any] | None = None
 ) -> tuple[list[dict[str, Any]], list[str]]:
     """One row per Ray trial (``trials``: the controller's, else the experiment's saved
     state): outcome, metrics, what it trained (attack, threat model, budgets) and its
@@ -688,7 +774,7 @@ def trial_rows(
     from bdat_ray.trainable import trial_overrides
 
     if trials is None:
-        trials = ExperimentAnalysis(str(sweep_dir)).trials
+        trials = ExperimentAnalysis(sweep_dir).trials
     flats = [trial_overrides(t.config) for t in trials]
     environment = environment_keys(flats)
     rows = []
@@ -788,7 +874,7 @@ def _report(
 ) -> int:
     from bdat_ray import tracking
 
-    sweep_dir = Path(record["storage"]) / record["sweep_id"]
+    sweep_dir = store.join(record["storage"], record["sweep_id"])
     rows, environment = trial_rows(sweep_dir, trials)
     front = pareto_rows(space, rows)
     count = {o: sum(r["outcome"] == o for r in rows) for o in OUTCOMES}
@@ -848,10 +934,7 @@ def _report(
         f"--mlflow-uri {tracking.redact(uri)}"
     )
     if record.get("optuna_storage"):
-        print(
-            f"optuna     optuna.load_study(study_name='{record['sweep_id']}', "
-            f"storage='sqlite:///{record['optuna_storage']}').best_trials"
-        )
+        print(f"optuna     {study_hint(record['sweep_id'], record['optuna_storage'])}")
     if interrupted:
         print(
             f"resume     python -m bdat_ray.sweep --resume --name {record['sweep_id']} "

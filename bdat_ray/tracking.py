@@ -49,7 +49,16 @@ TAG = "bdat_ray."
 #: same name logged at the last step (``images_per_s`` is the whole run's throughput).
 EPOCH_RENAMES = {"images_per_s": "epoch_images_per_s"}
 #: Failures that would repeat on a retry; a retried trial that finds one stops at once.
-NON_RETRYABLE = ("diverged", "bad_config")
+NON_RETRYABLE = ("diverged", "bad_config", "no_cuda")
+#: Ray retries a trial without limit (a spot reclaim must never use up its retries, see
+#: `sweep.MAX_FAILURES`); an exception raised inside the trial is retried this many times,
+#: and no trial starts more than MAX_ATTEMPTS times, whatever ended the earlier ones.
+ERROR_RETRIES = 2
+MAX_ATTEMPTS = 20
+#: Where a cluster run finds its commit: ``ray up`` syncs no ``.git``, so the command that
+#: starts the driver passes ``BDAT_RAY_GIT_COMMIT="$(git describe --always --dirty
+#: --abbrev=40)"`` from the local checkout (docs/cluster.md).
+GIT_COMMIT_ENV = "BDAT_RAY_GIT_COMMIT"
 #: Seconds between system-metric samples in a trial's run (MLflow's default is 10 s; trials
 #: on digits last tens of seconds). Each sample is one small request to the store.
 SYSTEM_METRICS_INTERVAL_S = 2.0
@@ -112,8 +121,12 @@ def browse_hint(uri: str) -> str:
 
 def git_commit() -> tuple[str, bool]:
     """(commit of the checkout this package runs from, whether it has uncommitted changes);
-    ("unknown", False) outside a git checkout (e.g. an installed wheel on a worker)."""
+    from ``$BDAT_RAY_GIT_COMMIT`` (``SHA`` or ``SHA-dirty``) outside a git checkout, as on
+    a ``ray up`` cluster; else ("unknown", False)."""
     repo = Path(__file__).resolve().parents[1]
+    if not (repo / ".git").exists() and os.environ.get(GIT_COMMIT_ENV):
+        described = os.environ[GIT_COMMIT_ENV].strip()
+        return described.removesuffix("-dirty"), described.endswith("-dirty")
 
     def git(*args: str) -> str:
         return subprocess.run(
@@ -384,16 +397,19 @@ class TrialRun:
             )
             return cls(sweep, run.info.run_id, client, set(), None)
         run_id, run_tags = found.info.run_id, found.data.tags
-        if run_tags.get(f"{TAG}failure_kind") in NON_RETRYABLE:
+        kind = run_tags.get(f"{TAG}failure_kind")
+        errors = int(run_tags.get(f"{TAG}errors", "0")) + (kind == "error")
+        attempts = int(run_tags.get(f"{TAG}attempts", "1")) + 1
+        if kind in NON_RETRYABLE or errors > ERROR_RETRIES or attempts > MAX_ATTEMPTS:
+            why = kind if kind in NON_RETRYABLE else f"{attempts - 1} attempts, {errors} errors"
             raise TrialFailedBefore(
-                f"an earlier attempt failed ({run_tags[f'{TAG}failure_kind']}): "
+                f"an earlier attempt failed ({why}): "
                 f"{run_tags.get(f'{TAG}failure', '')}; not training again"
             )
         if found.info.status == "FINISHED" and run_tags.get(f"{TAG}outcome") == "finished":
             final = {k: v for k, v in found.data.metrics.items() if k in METRICS}
             return cls(sweep, run_id, client, set(), final)
-        attempts = int(run_tags.get(f"{TAG}attempts", "1")) + 1
-        client.set_tag(run_id, f"{TAG}attempts", str(attempts))
+        _set_tags(client, run_id, {f"{TAG}attempts": str(attempts), f"{TAG}errors": str(errors)})
         for key in (f"{TAG}failure", f"{TAG}failure_kind"):  # the previous attempt's; the
             if key in run_tags:  # driver keeps it as recovered_error (`note_recovery`)
                 client.delete_tag(run_id, key)

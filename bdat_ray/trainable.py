@@ -59,6 +59,23 @@ class TrialSettings:
     results_dir: str  # the sweep's Ray experiment directory (trial dirs, checkpoints)
 
 
+class NoCudaOnNode(RuntimeError):
+    """The trial wants CUDA and the node it landed on cannot give it: a node problem (no
+    NVIDIA driver, or one too old for this torch build), not a bad config."""
+
+
+def require_cuda(device: str, cuda_available: bool) -> None:
+    """Raise `NoCudaOnNode` with one line that names the node and the torch build."""
+    if device.startswith("cuda") and not cuda_available:
+        import torch
+
+        raise NoCudaOnNode(
+            f"device={device} requested but torch.cuda.is_available() is false on node "
+            f"{ray.util.get_node_ip_address()} (torch {torch.__version__}, CUDA "
+            f"{torch.version.cuda}): its NVIDIA driver is missing or too old (docs/cluster.md)"
+        )
+
+
 def run_trial(config: dict[str, Any], settings: TrialSettings, data: Any = None) -> None:
     """Tune function trainable. ``data``: the clean dataset shared through the object store
     (None when trials differ in ``data.*`` keys: then each trial loads its own)."""
@@ -90,6 +107,11 @@ def run_trial(config: dict[str, Any], settings: TrialSettings, data: Any = None)
         # Finished and logged before the driver recorded it (a kill in between): report only.
         tune.report({**run.final_metrics, "final": True, "mlflow_run_id": run.run_id})
         return
+    try:
+        require_cuda(str(flat.get("device")), torch.cuda.is_available())
+    except NoCudaOnNode as err:
+        run.fail("no_cuda", str(err))
+        raise
     try:
         cfg = from_flat(flat)
     except ConfigError as err:
@@ -188,7 +210,7 @@ class FinalOnlyOptunaSearch(OptunaSearch):
 
 
 #: Errors a retry would only repeat; their retries end at once (`tracking.TrialRun.open`).
-DETERMINISTIC_ERRORS = ("TrainingDiverged", "ConfigError", "TrialFailedBefore")
+DETERMINISTIC_ERRORS = ("TrainingDiverged", "ConfigError", "TrialFailedBefore", "NoCudaOnNode")
 
 
 def _error(trial: Any) -> tuple[str, str]:
@@ -289,6 +311,10 @@ class SweepProgress(tune.Callback):
 
     def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         kind, message = _error(trial)
+        if kind in DETERMINISTIC_ERRORS:
+            # Tune retries without limit (sweep.MAX_FAILURES, for spot reclaims); this makes
+            # the next failure final: the retry's `TrialFailedBefore`, raised at once.
+            trial.max_failures = 0
         if kind == "TrialFailedBefore":
             return  # the first failure was reported; this retry ended at once
         if kind in DETERMINISTIC_ERRORS:

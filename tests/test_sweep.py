@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from bdat_ray.sweep import optuna_storage
+
 pytestmark = [pytest.mark.sweep, pytest.mark.slow]
 
 TINY = """
@@ -315,10 +317,10 @@ def test_optuna_study_is_readable_after_the_driver_exits(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "Optuna multi-objective search" in proc.stdout
 
-    # The driver process has exited; the study is read from its sqlite file.
+    # The driver process has exited; the study is read from its journal file.
     directory = sweep_dir(tmp_path / "out")
     study = optuna.load_study(
-        study_name=directory.name, storage=f"sqlite:///{directory / 'optuna.db'}"
+        study_name=directory.name, storage=optuna_storage(str(directory / "optuna.journal"))
     )
     assert [d.name for d in study.directions] == ["MAXIMIZE", "MINIMIZE"]
     states = [t.state.name for t in study.trials]
@@ -414,7 +416,7 @@ def test_resume_after_the_driver_is_killed_loses_and_repeats_nothing(tmp_path):
     trials = ExperimentAnalysis(str(directory)).trials
     assert sorted(t.status for t in trials) == ["TERMINATED"] * 4
     study = optuna.load_study(
-        study_name=directory.name, storage=f"sqlite:///{directory / 'optuna.db'}"
+        study_name=directory.name, storage=optuna_storage(str(directory / "optuna.journal"))
     )
     assert [t.state.name for t in study.trials].count("COMPLETE") == 4
     assert all(t.state.name in ("COMPLETE", "FAIL") for t in study.trials)

@@ -98,6 +98,44 @@ def test_a_diverged_trial_is_not_trained_again(sweep):
     assert child.data.tags["bdat_ray.failure_kind"] == "diverged"
 
 
+def test_errors_are_retried_a_few_times_and_lost_processes_far_more(sweep):
+    # A spot reclaim kills the process: the attempt records nothing, only `attempts` grows.
+    def reopen():
+        return tracking.TrialRun.open(sweep, trial_id="t9", trial_name="trial_t9", tags={})
+
+    for _ in range(tracking.ERROR_RETRIES):  # an exception inside the trial: retried
+        reopen().fail("error", "RuntimeError: flaky")
+    for _ in range(tracking.MAX_ATTEMPTS - tracking.ERROR_RETRIES - 1):
+        run = reopen()  # each reopen without a recorded failure is a lost process
+    run.fail("error", "RuntimeError: flaky again")
+    with pytest.raises(tracking.TrialFailedBefore, match=r"attempts, 3 errors"):
+        reopen()
+    from mlflow import MlflowClient
+
+    tags = MlflowClient(sweep.uri).get_run(run.run_id).data.tags
+    # Below MAX_ATTEMPTS: the third exception, not the deaths between them, ended it.
+    assert tags["bdat_ray.attempts"] == str(tracking.MAX_ATTEMPTS - 1)
+    assert tags["bdat_ray.errors"] == str(tracking.ERROR_RETRIES)
+
+
+def test_lost_processes_alone_stop_only_at_max_attempts(sweep):
+    for _ in range(tracking.MAX_ATTEMPTS):
+        tracking.TrialRun.open(sweep, trial_id="t8", trial_name="trial_t8", tags={})
+    with pytest.raises(tracking.TrialFailedBefore, match=rf"{tracking.MAX_ATTEMPTS} attempts"):
+        tracking.TrialRun.open(sweep, trial_id="t8", trial_name="trial_t8", tags={})
+
+
+def test_commit_comes_from_the_environment_outside_a_checkout(monkeypatch, tmp_path):
+    # As synced by `ray up`: the package without the checkout's .git beside it.
+    monkeypatch.setattr(tracking, "__file__", str(tmp_path / "bdat_ray" / "tracking.py"))
+    monkeypatch.delenv(tracking.GIT_COMMIT_ENV, raising=False)
+    assert tracking.git_commit() == ("unknown", False)
+    monkeypatch.setenv(tracking.GIT_COMMIT_ENV, "ab12" * 10 + "-dirty")
+    assert tracking.git_commit() == ("ab12" * 10, True)
+    monkeypatch.setenv(tracking.GIT_COMMIT_ENV, "cd34" * 10)
+    assert tracking.git_commit() == ("cd34" * 10, False)
+
+
 def test_driver_marks_early_stopped_trials_and_leaves_closed_ones(sweep):
     from mlflow import MlflowClient
 
