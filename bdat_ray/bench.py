@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from bdat_ray.cli import config_parser, main_guard
-from bdat_ray.config import build_config
+from bdat_ray.config import ConfigError, build_config
 
 
 def _sync(device: torch.device) -> None:
@@ -146,13 +146,64 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=5, help="untimed steps before timing")
     p.add_argument("--pgd-steps", type=int, default=10, help="k of the PGD-k AT step")
     p.add_argument("--naive-workers", type=int, default=2, help="DataLoader workers (naive)")
+    p.add_argument(
+        "--fused",
+        metavar="K,K,...",
+        help="instead: trials/hour of K whole runs (train.seed 0..K-1) fused into one network "
+        "vs the same K runs one after another, for each K (e.g. 1,2,4,8)",
+    )
     return p
+
+
+def fused_rows(cfg, members: list[int]) -> list[dict[str, float]]:
+    """Per K: seconds and trials/hour of `fused.fit_fused` on K runs vs `engine.fit` of the
+    same K runs one after another (what one worker without fusion does)."""
+    from bdat_ray.data import load_dataset
+    from bdat_ray.engine import fit
+    from bdat_ray.fused import fit_fused
+
+    data = load_dataset(cfg.data)
+    rows = []
+    for k in members:
+        cfgs = [cfg.replace({"train.seed": cfg.train.seed + i}) for i in range(k)]
+        t0 = time.perf_counter()
+        fit_fused(cfgs, data=data)
+        fused = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        for one in cfgs:
+            fit(one, data=data)
+        separate = time.perf_counter() - t0
+        rows.append(
+            {
+                "k": k,
+                "fused_s": fused,
+                "separate_s": separate,
+                "fused_trials_per_h": 3600 * k / fused,
+                "separate_trials_per_h": 3600 * k / separate,
+            }
+        )
+        print(
+            f"K={k:<3} fused {fused:8.1f} s ({3600 * k / fused:7.1f} trials/h)   "
+            f"separate {separate:8.1f} s ({3600 * k / separate:7.1f} trials/h)   "
+            f"{separate / fused:5.2f}x",
+            file=sys.stderr,
+        )
+    return rows
 
 
 @main_guard
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     cfg = build_config(None, args.overrides)
+    if args.fused:
+        try:
+            members = [int(k) for k in args.fused.split(",")]
+        except ValueError:
+            members = [0]
+        if any(k < 1 for k in members):
+            raise ConfigError("--fused", f"takes member counts ≥ 1 like 1,2,4,8; got {args.fused}")
+        print(json.dumps({"fused": fused_rows(cfg, members), "config": cfg.to_flat()}))
+        return 0
     from bdat_ray.engine import prepare
 
     prep = prepare(cfg)

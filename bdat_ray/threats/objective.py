@@ -28,6 +28,10 @@ class BatchLoss:
     loss: torch.Tensor  # scalar, with graph, to back-propagate
     correct: torch.Tensor  # number of the trained-on inputs classified correctly (no graph)
     count: int  # number of trained-on inputs
+    # Per batch row (no graph): the row's share of ``loss`` and of ``correct``, so that fused
+    # training (`bdat_ray.fused`) can book each member's rows separately.
+    row_loss: torch.Tensor | None = None
+    row_correct: torch.Tensor | None = None
 
 
 def _autocast(device: torch.device, amp_dtype: torch.dtype | None):
@@ -37,8 +41,9 @@ def _autocast(device: torch.device, amp_dtype: torch.dtype | None):
 def _loss_on(model: nn.Module, x: torch.Tensor, y: torch.Tensor, amp_dtype) -> BatchLoss:
     with _autocast(x.device, amp_dtype):
         logits = model(x)
-    loss = F.cross_entropy(logits.float(), y)
-    return BatchLoss(loss, (logits.detach().argmax(1) == y).sum(), len(y))
+    rows = F.cross_entropy(logits.float(), y, reduction="none")
+    hits = logits.detach().argmax(1) == y
+    return BatchLoss(rows.mean(), hits.sum(), len(y), rows.detach(), hits.float())
 
 
 class StandardTraining:
@@ -89,9 +94,14 @@ class AdversarialTraining:
         if self.mix == "max":
             return _loss_on(model, self.hardest(model, advs, y, amp_dtype), y, amp_dtype)
         parts = [_loss_on(model, xa, y, amp_dtype) for xa in advs]
-        loss = sum(w * p.loss for w, p in zip(self.weights, parts, strict=True))
-        correct = sum(p.correct for p in parts)
-        return BatchLoss(loss, correct, sum(p.count for p in parts))
+        pairs = list(zip(self.weights, parts, strict=True))
+        return BatchLoss(
+            sum(w * p.loss for w, p in pairs),
+            sum(p.correct for p in parts),
+            sum(p.count for p in parts),
+            sum(w * p.row_loss for w, p in pairs),
+            sum(p.row_correct for p in parts),
+        )
 
     def hardest(self, model, advs: list[torch.Tensor], y, amp_dtype) -> torch.Tensor:
         """Per sample, the adversarial input with the highest loss (chosen without gradients,
