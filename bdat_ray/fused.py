@@ -10,10 +10,11 @@ batch is the K members' batches stacked, ``(K·B, C, H, W)``.
 
 What can be fused (`check_fusable` says which key differs otherwise): the same device, dataset
 (``data.*``), architecture (``model.*``), ``train.batch_size``, ``train.epochs``, resolved
-augmentation and autocast, AT threat-model kinds with the same steps, mixing rule (not
-``random``: a per-batch draw per member cannot share a batch), composite weights and BatchNorm
-mode, no defense, and attacks that poison once at build time. Budgets and step sizes may
-differ per member for ``linf``, ``spatial``, ``noise`` and ``flow_noise`` (their steps are
+augmentation, crop padding and autocast, SGD (not Adam), AT threat-model kinds with the same
+steps, mixing rule (not ``random``: a per-batch draw per member cannot share a batch),
+composite weights and BatchNorm mode, and no defense. Attacks may differ, WaNet's per-batch
+poisoning included. Budgets and step sizes may differ per member for ``linf``, ``spatial``,
+``noise`` and ``flow_noise`` (their steps are
 per-sample arithmetic); ``l2`` and ``perceptual`` members must share them.
 
 Free of Ray and MLflow, like the engine it builds on; evaluation uses the engine's own
@@ -62,6 +63,8 @@ SHARED_KEYS = (
     "train.epochs",
     "train.augment",
     "train.amp",
+    "train.optimizer",
+    "train.crop_padding",
     "at.threat",
     "at.components",
     "at.mix",
@@ -79,6 +82,8 @@ def check_fusable(preps: Sequence[Prepared]) -> None:
             values = {repr(f[key]) for f in flats}
             if len(values) > 1:
                 raise ConfigError(key, f"fused members must share it; got {sorted(values)}")
+    if flats[0]["train.optimizer"] != "sgd":
+        raise ConfigError("train.optimizer", "fused members train with SGD (MemberSGD)")
     if flats[0]["defense.name"] != "none":
         raise ConfigError("defense.name", "defenses are not fused; run them as single trials")
     if flats[0]["at.mix"] == "random" and flats[0]["at.threat"] in ("composite", "cat"):
@@ -289,12 +294,14 @@ def fit_fused(
             RunResult(
                 acc=final["acc"],
                 asr=final["asr"],
+                asr_pred=final["asr_pred"],
                 robust_acc=evaluate_robust(p),
                 seconds=time.perf_counter() - started,
                 epochs=p.cfg.train.epochs,
                 images_per_s=n_train * len(histories[i]) / train_seconds,
                 poisoned_count=len(p.poisoned.poison_indices),
                 device=str(device),
+                craft_seconds=p.craft_seconds,
                 config=p.cfg.to_flat(),
                 history=histories[i],
                 model=p.model,
@@ -322,8 +329,12 @@ def _train_epoch(
         xs, ys = [], []
         for p, g, order in zip(preps, generators, orders, strict=True):
             idx = order[step]
-            xs.append(augment(p.poisoned.data.x_train[idx], p.augment_mode, g["data"]))
-            ys.append(p.poisoned.data.y_train[idx])
+            # as `engine.train_epoch`: per-batch attacks (WaNet) poison, then augmentation
+            images, labels = p.backdoor.poison_batch(
+                p.poisoned.data.x_train[idx], p.poisoned.data.y_train[idx], g["data"]
+            )
+            xs.append(augment(images, p.augment_mode, g["data"], p.cfg.train.crop_padding))
+            ys.append(labels)
         rows = len(ys[0])
         for threat in getattr(objective, "threats", []):
             threat.rows(rows)
