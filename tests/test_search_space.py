@@ -275,6 +275,8 @@ def test_bad_space_file_exits_2_naming_file_and_key(tmp_path, capsys, text, key,
         (["--mlflow-uri", "./mlruns"], "--mlflow-uri"),
         (["--resume", "--storage", "/nonexistent"], "--resume"),
         (["--resume", "train.epochs=1"], "--resume"),
+        (["--storage", "foo://bucket/x"], "--storage"),  # no such file system
+        (["--storage", "s3://bucket/x?endpoint_override=h"], "--storage"),  # keys go in AWS_*
     ],
 )
 def test_bad_command_line_exits_2(capsys, argv, key):
