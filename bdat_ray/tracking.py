@@ -27,6 +27,7 @@ model's id, so the Models tab and ``mlflow.search_logged_models(filter_string="m
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -297,8 +298,19 @@ def register_models(
             model_id=model_id,
             await_creation_for=0,
         )
+        _link_version(client, model_id, model_name, str(version.version))
         versions.append(str(version.version))
     return versions
+
+
+def _link_version(client: Any, model_id: str, model_name: str, version: str) -> None:
+    """Record the version on its LoggedModel (tag ``mlflow.modelVersions``), as
+    `mlflow.register_model` does: the Models tab's *Registered models* column reads it."""
+    from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
+
+    known = client.get_logged_model(model_id).tags.get(MLFLOW_MODEL_VERSIONS)
+    links = [*json.loads(known or "[]"), {"name": model_name, "version": version}]
+    client.set_logged_model_tags(model_id, {MLFLOW_MODEL_VERSIONS: json.dumps(links)})
 
 
 def set_aliases(sweep: SweepTracking, model_name: str, picks: dict[str, str]) -> dict[str, str]:

@@ -290,6 +290,9 @@ def test_registry_aliases_point_at_the_picks(two_finished_trials):
     assert aliases == {"lowest-asr": "1", "best-acc": "2"}
     client = MlflowClient(sweep.uri, registry_uri=sweep.uri)
     assert client.get_model_version_by_alias("unit-pareto", "lowest-asr").run_id == low.run_id
+    model_id = client.get_run(low.run_id).data.tags["bdat_ray.model_uri"].removeprefix("models:/")
+    links = json.loads(client.get_logged_model(model_id).tags["mlflow.modelVersions"])
+    assert links == [{"name": "unit-pareto", "version": "1"}]  # the Models tab shows it
     _global_uri(sweep.uri)
     model = mlflow.pytorch.load_model("models:/unit-pareto@best-acc")
     assert model(__import__("torch").rand(3, 1, 16, 16)).shape == (3, 10)
