@@ -42,7 +42,10 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmarks.samplers", description=__doc__)
     p.add_argument("--space", type=Path, default=HERE / "sampler_space.yaml")
     p.add_argument("--trials", type=int, default=40)
-    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--seeds", type=int, default=3, help="sampler seeds 0..N-1")
+    p.add_argument(
+        "--first-seed", type=int, default=0, help="start at this seed (split a run in parts)"
+    )
     p.add_argument(
         "--candidates",
         nargs="+",
@@ -146,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
             counts[key] = counts.get(key, 0) + 1
         done = {key for key, n in counts.items() if n >= args.trials}
     # Seed-major order: an interrupted run still compares every candidate on the same seeds.
-    for seed in range(args.seeds):
+    for seed in range(args.first_seed, args.seeds):
         for label in args.candidates:
             if (label, seed) in done:
                 continue

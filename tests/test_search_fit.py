@@ -259,7 +259,9 @@ def test_a_constrained_optuna_sweep_keeps_infeasible_trials_out_of_best_trials(t
         )
     )
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    proc = run_cli(["--space", str(space), "--mlflow-uri", uri, "--storage", "out"], tmp_path)
+    proc = run_cli(
+        ["--space", str(space), "--mlflow-uri", uri, "--storage", "out"], tmp_path, timeout=1500
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "feasible   asr <= 90" in proc.stdout
     directory = sweep_dir(tmp_path / "out")
@@ -331,7 +333,9 @@ def test_a_grid_sweep_with_mo_asha_stops_exactly_the_dominated_trials(tmp_path):
         )
     )
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    proc = run_cli(["--space", str(space), "--mlflow-uri", uri, "--storage", "out"], tmp_path)
+    proc = run_cli(
+        ["--space", str(space), "--mlflow-uri", uri, "--storage", "out"], tmp_path, timeout=1500
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "stopping   MO-ASHA on acc, asr" in proc.stdout
     analysis = ExperimentAnalysis(str(sweep_dir(tmp_path / "out")))
