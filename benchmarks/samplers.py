@@ -120,10 +120,12 @@ def summary(lines: list[dict[str, Any]], trials: int) -> str:
         cells = []
         for k in marks:
             at_k = [line["hypervolume"] for line in mine if line["trial"] == k]
+            partial = f" (n={len(at_k)})" if len(at_k) < len(seeds) else ""
             if len(at_k) > 1:
-                cells.append(f"{statistics.mean(at_k):.4f} ± {statistics.stdev(at_k):.4f}")
+                mean, std = statistics.mean(at_k), statistics.stdev(at_k)
+                cells.append(f"{mean:.4f} ± {std:.4f}{partial}")
             else:
-                cells.append(f"{at_k[0]:.4f}" if at_k else "–")
+                cells.append(f"{at_k[0]:.4f}{partial}" if at_k else "–")
         per_trial = statistics.mean(line["seconds"] for line in mine)
         rows.append(f"| {label} | " + " | ".join(cells) + f" | {per_trial:.1f} | {len(seeds)} |")
     return "\n".join(rows)
