@@ -28,13 +28,14 @@ from bdat_ray.samplers import SamplerSpec, build_sampler
 from bdat_ray.search_space import OptunaSpace, load_space
 
 HERE = Path(__file__).resolve().parent
-#: Candidates: label -> sampler spec (as a space file would write it).
-CANDIDATES: dict[str, SamplerSpec] = {
+#: Candidates: label -> sampler spec (as a space file would write it); None: random search,
+#: the baseline, which a space cannot choose.
+CANDIDATES: dict[str, SamplerSpec | None] = {
     "tpe": SamplerSpec("tpe"),
     "tpe_multivariate": SamplerSpec("tpe", (("multivariate", True),)),
     "nsga2": SamplerSpec("nsga2", (("population_size", 10),)),
     "gp": SamplerSpec("gp"),
-    "random": SamplerSpec("random"),
+    "random": None,
 }
 
 
@@ -57,11 +58,12 @@ def parser() -> argparse.ArgumentParser:
 
 
 def _sampler(label: str, seed: int) -> Any:
-    if label == "random":  # the baseline: not a choice a space can make
+    spec = CANDIDATES[label]
+    if spec is None:
         import optuna
 
         return optuna.samplers.RandomSampler(seed=seed)
-    return build_sampler(CANDIDATES[label], seed)
+    return build_sampler(spec, seed)
 
 
 def run_candidate(label: str, seed: int, space: Any, trials: int, data: Any, out: Path) -> None:
