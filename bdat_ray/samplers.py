@@ -55,7 +55,9 @@ SAMPLERS: dict[str, SamplerKind] = {
     "gp": SamplerKind("GPSampler", {"n_startup_trials": int, "deterministic_objective": bool}),
 }
 
-#: What ``sampler: auto`` (and a space without a sampler section) runs: see BENCHMARKS.md.
+#: What ``sampler: auto`` (and a space without a sampler section) runs. Measured (BENCHMARKS.md,
+#: 40 trials x 3 seeds on digits): ahead of TPE, NSGA-II and GP after 20 and 30 trials,
+#: level with GP after 40, and it models conditional parameters, which GP leaves out.
 AUTO_CHOICE: tuple[str, dict[str, Any]] = ("tpe", {"multivariate": True})
 
 

@@ -40,7 +40,7 @@ class MultiObjectiveASHA(FIFOScheduler):
         objectives: dict[str, str],
         *,
         max_t: int,
-        grace_period: int = 1,
+        grace_period: int = 3,
         reduction_factor: float = 3.0,
         time_attr: str = "epoch",
     ):

@@ -17,7 +17,7 @@ A space file is plain YAML — nothing in it is evaluated. Its sections::
     max_concurrent: 2            # trials in flight at once (default: grid no limit, Optuna 4)
     resources: {cpu: 1, gpu: 0.25}   # per trial; fractional GPUs share one device
     early_stopping: {metric: acc, mode: max, grace_period: 2, reduction_factor: 3}  # ASHA
-    # early_stopping: {method: mo_asha, grace_period: 1, reduction_factor: 3}  # on objectives
+    # early_stopping: {method: mo_asha, grace_period: 3, reduction_factor: 3}  # on objectives
     constraints: {asr: "<= 10"}  # feasible trials only: in the front, Optuna's best_trials
     sampler: {name: tpe, multivariate: true}   # Optuna: tpe | nsga2 | gp | auto (bdat_ray.samplers)
     hypervolume: {reference: {acc: 0, asr: 100}}   # the worst point (default as shown)
@@ -166,9 +166,11 @@ class MultiObjectiveEarlyStopping:
     """MO-ASHA (Schmucker et al., 2021) on the space's objectives: at each rung
     (``grace_period`` × ``reduction_factor``^k epochs) a trial goes on if it is on the
     non-dominated front of the rung's results so far or in their top 1/``reduction_factor``
-    (`mo_rung_keeps`); otherwise it stops, and never enters a front."""
+    (`mo_rung_keeps`); otherwise it stops, and never enters a front. Default grace 3 epochs:
+    measured (BENCHMARKS.md), a grace of 1 judges ASR before the backdoor is learned and
+    stopped every trial of the final front."""
 
-    grace_period: int = 1
+    grace_period: int = 3
     reduction_factor: float = 3.0
     method: str = "mo_asha"
 

@@ -40,6 +40,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("bench_early_stopping.jsonl"))
     p.add_argument("--ray", action="store_true", help="run both sweeps through the sweep CLI")
     p.add_argument("--storage", type=Path, default=Path("bench_early_stopping"))
+    p.add_argument(
+        "--rules",
+        nargs="+",
+        default=[],
+        metavar="GRACE:FACTOR",
+        help="also replay MO-ASHA with these grace periods and reduction factors (e.g. 3:3)",
+    )
     return p
 
 
@@ -138,18 +145,16 @@ def as_run(trials: list[dict[str, Any]], total: int) -> list[dict[str, Any]]:
 
 
 def mo_asha_replay(
-    trials: list[dict[str, Any]], space_path: Path, total: int
+    trials: list[dict[str, Any]], grace_period: int, reduction_factor: float, total: int
 ) -> list[dict[str, Any]]:
     """The trials fed epoch by epoch, in order, to the sweep's MO-ASHA scheduler."""
     from ray.tune.experiment import Trial
     from ray.tune.schedulers import TrialScheduler
 
     from bdat_ray.schedulers import MultiObjectiveASHA
-    from bdat_ray.search_space import load_space
 
-    rule = load_space(space_path).early_stopping
     scheduler = MultiObjectiveASHA(
-        GOALS, max_t=total, grace_period=rule.grace_period, reduction_factor=rule.reduction_factor
+        GOALS, max_t=total, grace_period=grace_period, reduction_factor=reduction_factor
     )
     runs = []
     for trial in trials:
@@ -181,7 +186,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     from bdat_ray.search_space import load_space
 
-    total = int(load_space(args.space).value("train.epochs"))
+    space = load_space(args.space)
+    total = int(space.value("train.epochs"))
+    rule = space.early_stopping
     if args.ray:
         import yaml
 
@@ -196,7 +203,11 @@ def main(argv: list[str] | None = None) -> int:
     else:
         full = train_in_process(args.space, args.out)
         results = {"to completion": as_run(full, total)}
-    results["MO-ASHA"] = mo_asha_replay(full, args.space, total)
+    rules = [(rule.grace_period, rule.reduction_factor)]
+    rules += [(int(g), float(f)) for g, f in (text.split(":") for text in args.rules)]
+    for grace, factor in rules:
+        label = f"MO-ASHA grace {grace}, factor {factor:g}"
+        results[label] = mo_asha_replay(full, grace, factor, total)
     curves = {label: curve(records) for label, records in results.items()}
     full_epochs, full_hv = curves["to completion"][-1]
     print("\n| run | trials finished / stopped | trial-epochs | share | final HV | HV vs full |")

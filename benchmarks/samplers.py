@@ -28,13 +28,14 @@ from bdat_ray.samplers import SamplerSpec, build_sampler
 from bdat_ray.search_space import OptunaSpace, load_space
 
 HERE = Path(__file__).resolve().parent
-#: Candidates: label -> sampler spec (as a space file would write it).
-CANDIDATES: dict[str, SamplerSpec] = {
+#: Candidates: label -> sampler spec (as a space file would write it); None: random search,
+#: the baseline, which a space cannot choose.
+CANDIDATES: dict[str, SamplerSpec | None] = {
     "tpe": SamplerSpec("tpe"),
     "tpe_multivariate": SamplerSpec("tpe", (("multivariate", True),)),
     "nsga2": SamplerSpec("nsga2", (("population_size", 10),)),
     "gp": SamplerSpec("gp"),
-    "random": SamplerSpec("random"),
+    "random": None,
 }
 
 
@@ -42,7 +43,10 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmarks.samplers", description=__doc__)
     p.add_argument("--space", type=Path, default=HERE / "sampler_space.yaml")
     p.add_argument("--trials", type=int, default=40)
-    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--seeds", type=int, default=3, help="sampler seeds 0..N-1")
+    p.add_argument(
+        "--first-seed", type=int, default=0, help="start at this seed (split a run in parts)"
+    )
     p.add_argument(
         "--candidates",
         nargs="+",
@@ -54,11 +58,12 @@ def parser() -> argparse.ArgumentParser:
 
 
 def _sampler(label: str, seed: int) -> Any:
-    if label == "random":  # the baseline: not a choice a space can make
+    spec = CANDIDATES[label]
+    if spec is None:
         import optuna
 
         return optuna.samplers.RandomSampler(seed=seed)
-    return build_sampler(CANDIDATES[label], seed)
+    return build_sampler(spec, seed)
 
 
 def run_candidate(label: str, seed: int, space: Any, trials: int, data: Any, out: Path) -> None:
@@ -117,10 +122,12 @@ def summary(lines: list[dict[str, Any]], trials: int) -> str:
         cells = []
         for k in marks:
             at_k = [line["hypervolume"] for line in mine if line["trial"] == k]
+            partial = f" (n={len(at_k)})" if len(at_k) < len(seeds) else ""
             if len(at_k) > 1:
-                cells.append(f"{statistics.mean(at_k):.4f} ± {statistics.stdev(at_k):.4f}")
+                mean, std = statistics.mean(at_k), statistics.stdev(at_k)
+                cells.append(f"{mean:.4f} ± {std:.4f}{partial}")
             else:
-                cells.append(f"{at_k[0]:.4f}" if at_k else "–")
+                cells.append(f"{at_k[0]:.4f}{partial}" if at_k else "–")
         per_trial = statistics.mean(line["seconds"] for line in mine)
         rows.append(f"| {label} | " + " | ".join(cells) + f" | {per_trial:.1f} | {len(seeds)} |")
     return "\n".join(rows)
@@ -146,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
             counts[key] = counts.get(key, 0) + 1
         done = {key for key, n in counts.items() if n >= args.trials}
     # Seed-major order: an interrupted run still compares every candidate on the same seeds.
-    for seed in range(args.seeds):
+    for seed in range(args.first_seed, args.seeds):
         for label in args.candidates:
             if (label, seed) in done:
                 continue

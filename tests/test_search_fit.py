@@ -234,33 +234,39 @@ fixed:
 """
 
 
+def sweep_of(tmp_path: Path, name: str, body: str):
+    """``python -m bdat_ray.sweep`` on TINY_DIGITS + ``body``; (its output, the MLflow URI)."""
+    from tests.test_sweep import run_cli
+
+    space = tmp_path / f"{name}.yaml"
+    space.write_text(textwrap.dedent(TINY_DIGITS) + textwrap.dedent(body))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    proc = run_cli(
+        ["--space", str(space), "--mlflow-uri", uri, "--storage", "out"], tmp_path, timeout=1500
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc, uri
+
+
 @pytest.mark.sweep
 @pytest.mark.slow
 def test_a_constrained_optuna_sweep_keeps_infeasible_trials_out_of_best_trials(tmp_path):
     import optuna
 
     from bdat_ray.search_space import pareto_front
-    from tests.test_sweep import run_cli, sweep_dir
+    from tests.test_sweep import sweep_dir
 
-    space = tmp_path / "constrained.yaml"
-    space.write_text(
-        textwrap.dedent(TINY_DIGITS)
-        + textwrap.dedent(
-            """
-            dimensions:
-              at.threat: {choice: [none, spatial]}
-              at.spatial.eps: {uniform: [0.05, 0.15], when: {at.threat: spatial}}
-            constraints: {asr: "<= 90"}
-            sampler: {name: tpe, n_startup_trials: 2}
-            num_samples: 5
-            max_concurrent: 2
-            seed: 0
-            """
-        )
-    )
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    proc = run_cli(["--space", str(space), "--mlflow-uri", uri, "--storage", "out"], tmp_path)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    body = """
+    dimensions:
+      at.threat: {choice: [none, spatial]}
+      at.spatial.eps: {uniform: [0.05, 0.15], when: {at.threat: spatial}}
+    constraints: {asr: "<= 90"}
+    sampler: {name: tpe, n_startup_trials: 2}
+    num_samples: 5
+    max_concurrent: 2
+    seed: 0
+    """
+    proc, uri = sweep_of(tmp_path, "constrained", body)
     assert "feasible   asr <= 90" in proc.stdout
     directory = sweep_dir(tmp_path / "out")
     study = optuna.load_study(
@@ -316,23 +322,15 @@ def test_a_grid_sweep_with_mo_asha_stops_exactly_the_dominated_trials(tmp_path):
     import pandas as pd
     from ray.tune import ExperimentAnalysis
 
-    from tests.test_sweep import mlflow_runs, run_cli, sweep_dir
+    from tests.test_sweep import mlflow_runs, sweep_dir
 
-    space = tmp_path / "moasha.yaml"
-    space.write_text(
-        textwrap.dedent(TINY_DIGITS)
-        + textwrap.dedent(
-            """
-            dimensions:
-              train.lr: {grid: [0.1, 0.003, 0.05, 0.001, 0.0003]}
-            early_stopping: {method: mo_asha, grace_period: 1, reduction_factor: 3}
-            max_concurrent: 1
-            """
-        )
-    )
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    proc = run_cli(["--space", str(space), "--mlflow-uri", uri, "--storage", "out"], tmp_path)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    body = """
+    dimensions:
+      train.lr: {grid: [0.1, 0.003, 0.05, 0.001, 0.0003]}
+    early_stopping: {method: mo_asha, grace_period: 1, reduction_factor: 3}
+    max_concurrent: 1
+    """
+    proc, uri = sweep_of(tmp_path, "moasha", body)
     assert "stopping   MO-ASHA on acc, asr" in proc.stdout
     analysis = ExperimentAnalysis(str(sweep_dir(tmp_path / "out")))
     lrs = [0.1, 0.003, 0.05, 0.001, 0.0003]
