@@ -90,6 +90,8 @@ def load_npz(cfg: DataConfig) -> ImageData:
                 raise ConfigError("data.path", f"{path}: {err}") from None
             y_train = torch.as_tensor(arrays["y_train"].astype(np.int64)).flatten()
             y_test = torch.as_tensor(arrays["y_test"].astype(np.int64)).flatten()
+    except ConfigError:
+        raise
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
         raise ConfigError(
             "data.path", f"{path} is not an .npz archive of numeric arrays ({type(err).__name__})"
