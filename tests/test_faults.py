@@ -14,18 +14,19 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 import torch
 
 from tests.test_sweep import (  # noqa: F401 (mlflow_server is a fixture)
+    _free_port,
     clean_env,
     epochs_logged,
     mlflow_runs,
     mlflow_server,
     run_cli,
+    serve_mlflow,
     session_processes,
     space_file,
     start_driver,
@@ -99,11 +100,7 @@ def test_a_store_mlflow_refuses_after_the_checks_leaves_no_sweep_folder(tmp_path
 
 
 def test_mlflow_down_at_start_fails_in_seconds_with_nothing_left(tmp_path):
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = _free_port()  # nothing listens there
     space = space_file(tmp_path, "dimensions:\n  at.threat: {grid: [none]}\n", "down")
     started = time.perf_counter()
     proc = run_cli(
@@ -305,51 +302,15 @@ def test_the_password_of_the_tracking_uri_appears_nowhere(tmp_path, mlflow_serve
 # The MLflow server lost mid-sweep: said so, no crash; --resume finishes every trial.
 
 
-def _serve(work: Path, port: int) -> subprocess.Popen:
-    """``mlflow server`` on 127.0.0.1:``port`` over ``work/server.db``, once it answers."""
-    server = subprocess.Popen(
-        [
-            str(Path(sys.executable).parent / "mlflow"),
-            "server",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--backend-store-uri",
-            f"sqlite:///{work / 'server.db'}",
-            "--artifacts-destination",
-            str(work / "server-artifacts"),
-            "--workers",
-            "1",
-        ],
-        stdout=(work / "server.log").open("a"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
-    )
-    deadline = time.time() + 120
-    while True:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
-                return server
-        except OSError:
-            assert server.poll() is None and time.time() < deadline, work / "server.log"
-            time.sleep(0.5)
-
-
 def _stop(server: subprocess.Popen) -> None:
     os.killpg(server.pid, signal.SIGKILL)
     server.wait(timeout=30)
 
 
 def test_mlflow_lost_mid_sweep_is_reported_and_resume_finishes_every_trial(tmp_path):
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = _free_port()
     url = f"http://127.0.0.1:{port}"
-    server = _serve(tmp_path, port)
+    server = serve_mlflow(tmp_path, port)
     space = space_file(
         tmp_path,
         "fixed:\n  train.epochs: 6\ndimensions:\n  train.seed: {grid: [0, 1]}\nmax_concurrent: 1\n",
@@ -376,7 +337,7 @@ def test_mlflow_lost_mid_sweep_is_reported_and_resume_finishes_every_trial(tmp_p
     assert f"MLflow at {url} did not answer" in text, text[-3000:]
     assert "resume     python -m bdat_ray.sweep --resume" in text
 
-    server = _serve(tmp_path, port)
+    server = serve_mlflow(tmp_path, port)
     try:
         proc = run_cli(["--resume", "--storage", "out", "--mlflow-uri", url], tmp_path)
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]

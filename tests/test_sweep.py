@@ -480,11 +480,9 @@ def _listening_addresses(port: int) -> set[str]:
     return found
 
 
-@pytest.fixture
-def mlflow_server(tmp_path):
-    port = _free_port()
-    artifacts = tmp_path / "server-artifacts"
-    log = (tmp_path / "server.log").open("w")
+def serve_mlflow(work: Path, port: int) -> subprocess.Popen:
+    """``mlflow server`` on 127.0.0.1:``port`` over ``work/server.db`` (artifacts in
+    ``work/server-artifacts``, log appended to ``work/server.log``), once it answers."""
     server = subprocess.Popen(
         [
             str(Path(sys.executable).parent / "mlflow"),
@@ -494,28 +492,35 @@ def mlflow_server(tmp_path):
             "--port",
             str(port),
             "--backend-store-uri",
-            f"sqlite:///{tmp_path / 'server.db'}",
+            f"sqlite:///{work / 'server.db'}",
             "--artifacts-destination",
-            str(artifacts),
+            str(work / "server-artifacts"),
             "--workers",
             "1",
         ],
-        stdout=log,
+        stdout=(work / "server.log").open("a"),
         stderr=subprocess.STDOUT,
         start_new_session=True,
         env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
     )
-    url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120
     while True:
         try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as response:
                 if response.read() == b"OK":
-                    break
+                    return server
         except OSError:
             pass
-        assert server.poll() is None and time.time() < deadline, tmp_path / "server.log"
+        assert server.poll() is None and time.time() < deadline, work / "server.log"
         time.sleep(0.5)
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    port = _free_port()
+    artifacts = tmp_path / "server-artifacts"
+    server = serve_mlflow(tmp_path, port)
+    url = f"http://127.0.0.1:{port}"
     yield {"url": url, "port": port, "artifacts": artifacts}
     os.killpg(server.pid, signal.SIGTERM)
     server.wait(timeout=30)
