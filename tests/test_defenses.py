@@ -317,3 +317,44 @@ def test_neural_cleanse_flags_the_target_class_of_a_backdoored_model(backdoored,
     print("NC anomaly indices", [round(report[f"nc_anomaly_index_{k}"], 2) for k in range(10)])
     assert report["nc_target_flagged"] == 1.0
     assert defense.ctx.target in defense.details()["nc_flagged_classes"]
+
+
+# -- analysis ------------------------------------------------------------------------------
+
+
+def test_fp_ratio_closest_to_cat_accuracy_is_the_one_the_table_keeps():
+    import pandas as pd
+
+    from analysis.tables import cat_table, pick_closest_accuracy
+
+    rows = [
+        # setting, threat, budgets, defense, ratio, acc, asr
+        ("badnets", "none", "-", "none", None, 95.0, 100.0),
+        ("badnets", "cat", "linf 2/255 ×0.50 + spatial 0.025 ×0.50", "none", None, 82.0, 2.0),
+        ("badnets", "none", "-", "fine_pruning", 0.1, 94.0, 99.0),
+        ("badnets", "none", "-", "fine_pruning", 0.5, 83.0, 60.0),  # closest to CAT's 82
+        ("badnets", "none", "-", "fine_pruning", 0.9, 40.0, 5.0),
+    ]
+    trials = pd.DataFrame(
+        [
+            {
+                "outcome": "finished",
+                "setting": s,
+                "variant": "",
+                "threat": t,
+                "budgets": b,
+                "defense": d,
+                "defense.fine_pruning.ratio": r,
+                "acc": acc,
+                "asr": asr,
+                "robust_acc": float("nan"),
+                "train.seed": 0,
+            }
+            for s, t, b, d, r, acc, asr in rows
+        ]
+    )
+    kept, note = pick_closest_accuracy(trials)
+    assert list(kept.loc[kept["defense"] == "fine_pruning", "defense.fine_pruning.ratio"]) == [0.5]
+    assert "50%" in note
+    table = cat_table(trials)
+    assert "FP" in table.columns and table.cells["badnets", "FP"].mean["acc"] == 83.0
