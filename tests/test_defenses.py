@@ -181,8 +181,9 @@ def test_dpsgd_model_holds_no_batchnorm_and_clips_every_per_sample_gradient(digi
     expected = (per_sample * factor[:, None]).sum(0)
     summed = torch.cat([p.summed_grad.flatten() for p in params])
     assert torch.allclose(summed, expected, rtol=1e-4, atol=1e-6)
-    result = fit(cfg, data=digits)  # and a whole run trains with it
-    assert math.isfinite(result.acc) and result.acc > 20
+    result = fit(cfg, data=digits)  # and a whole run trains through it
+    losses = [h["train_loss"] for h in result.history]
+    assert all(math.isfinite(v) for v in losses) and losses[-1] < losses[0]
 
 
 def test_abl_isolates_its_share_and_scores_it_as_detection(digits):
