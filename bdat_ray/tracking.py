@@ -505,7 +505,7 @@ class TrialRun:
         requested = self.client.get_run(self.run_id).data.params
         changed = {k: v for k, v in resolved.items() if requested.get(k) != _param_value(v)}
         self.log_params(changed, prefix="resolved.")
-        for name in ("poisoned_indices.npy", "trigger.png", "result.json"):
+        for name in ("poisoned_indices.npy", "removed_indices.npy", "trigger.png", "result.json"):
             if (workdir / name).is_file():
                 self.client.log_artifact(self.run_id, str(workdir / name))
         mlflow.set_tracking_uri(self.sweep.uri)

@@ -295,11 +295,42 @@ def test_every_shipped_space_passes_dry_run(path, capsys):
     assert f"{count} trials" in out and "CPU" in out
 
 
+@pytest.mark.parametrize(
+    ("stem", "defenses"),
+    [
+        ("cat_table2", ["fine_pruning", "nad", "dpsgd", "abl"]),
+        ("cat_table3", ["fine_pruning", "nad", "dpsgd", "abl"]),
+        (
+            "weng_tradeoff",
+            ["lipschitz", "denoise", "spectral", "activation_clustering", "neural_cleanse"],
+        ),
+    ],
+)
+def test_paper_spaces_plan_their_baseline_defense_columns(stem, defenses, capsys):
+    """The defense columns of CAT Tables 2/3 and Weng Tables 1/9 are trials of the grid, and
+    the dry run names each trial's defense."""
+    space = load_space(REPO / "search_spaces" / f"{stem}.yaml")
+    planned = {p.get("defense.name", "none") for p in space.grid_points()}
+    assert set(defenses) <= planned
+    sweep.main(["--space", str(REPO / "search_spaces" / f"{stem}.yaml"), "--dry-run"])
+    out = capsys.readouterr().out
+    for name in defenses:
+        assert f"defense {name}" in out, name
+    if stem.startswith("cat_table"):  # FP's ratio is swept 5%..95% as in the paper
+        ratios = {
+            p["defense.fine_pruning.ratio"]
+            for p in space.grid_points()
+            if p.get("defense.name") == "fine_pruning"
+        }
+        assert ratios == {round(0.05 * k, 2) for k in range(1, 20)}
+
+
 def test_shipped_spaces_are_the_ones_the_issue_asks_for():
     assert {p.stem for p in SHIPPED} >= {
         "quickstart",
         "cat_fig2",
         "cat_table2",
+        "cat_table3",
         "weng_tradeoff",
         "composite_pareto",
         "cat_table1",

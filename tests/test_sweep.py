@@ -601,3 +601,33 @@ def test_trials_spread_over_worker_nodes_into_one_experiment(tmp_path):
     finally:
         ray.shutdown()
         cluster.shutdown()
+
+
+def test_defenses_run_inside_a_sweep_and_their_metrics_reach_mlflow(tmp_path):
+    """A filter and a repair defense as a grid dimension: real Ray trials, real MLflow."""
+    space = space_file(
+        tmp_path,
+        """
+        dimensions:
+          defense.name: {grid: [perfect_filter, fine_pruning]}
+        max_concurrent: 2
+        """,
+        "defended",
+    )
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    pins = ["train.epochs=2", "eval.robust_samples=0", "defense.fine_pruning.epochs=1"]
+    args = ["--space", str(space), "--mlflow-uri", uri, "--storage", "results", *pins]
+    proc = run_cli(args, tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "2 finished" in proc.stdout
+    client, _, children = mlflow_runs(uri, "defended")
+    by_defense = {c.data.params["defense.name"]: c for c in children}
+    filtered = by_defense["perfect_filter"].data.metrics
+    assert filtered["detect_tpr"] == 100 and filtered["detect_fpr"] == 0
+    assert filtered["removed"] == round(0.05 * 1400) and "defense_seconds" in filtered
+    names = {a.path for a in client.list_artifacts(by_defense["perfect_filter"].info.run_id)}
+    assert "removed_indices.npy" in names
+    pruned = by_defense["fine_pruning"].data.metrics
+    assert pruned["clean_fraction"] == pytest.approx(0.05, abs=1e-3)
+    assert pruned["pruned_fraction"] == pytest.approx(0.2, abs=0.01)
+    assert "acc_before_repair" in pruned

@@ -143,6 +143,19 @@ class Defense:
         """JSON-able findings that are not single numbers (e.g. Neural Cleanse's classes)."""
         return {}
 
+    def fine_tune_on_clean_share(self, model: nn.Module, draw: int, **kw: Any) -> nn.Module:
+        """`fine_tune` on the clean share with this defense's ``epochs`` and ``lr`` (a
+        `FineTuneSection`); ``draw`` tells the defense's random streams apart."""
+        return fine_tune(
+            model,
+            self.ctx.clean_share,
+            epochs=self.cfg.epochs,
+            lr=self.cfg.lr,
+            batch_size=self.ctx.batch_size,
+            generator=self.ctx.generator(draw),
+            **kw,
+        )
+
     # -- checkpoints ---------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from bdat_ray.data.dataset import ImageData
-from bdat_ray.defenses.base import Defense, FineTuneSection, fine_tune
+from bdat_ray.defenses.base import Defense, FineTuneSection
 from bdat_ray.options import option, within
 
 
@@ -79,14 +79,7 @@ class FinePruning(Defense):
         mask[activation.argsort()[: self.pruned]] = 0
         model.stages[-1] = nn.Sequential(last, ChannelMask(mask))
         self.channels = channels
-        return fine_tune(
-            model,
-            clean,
-            epochs=self.cfg.epochs,
-            lr=self.cfg.lr,
-            batch_size=self.ctx.batch_size,
-            generator=self.ctx.generator(2),
-        )
+        return self.fine_tune_on_clean_share(model, draw=2)
 
     def report(self) -> dict[str, float]:
         return {

@@ -29,7 +29,7 @@ from torch import nn
 
 from bdat_ray.data.augment import shuffled_batches, to_float
 from bdat_ray.data.dataset import ImageData
-from bdat_ray.defenses.base import Defense, FineTuneSection, fine_tune
+from bdat_ray.defenses.base import Defense, FineTuneSection
 from bdat_ray.options import above, at_least, option, within
 
 MAD_CONSISTENCY = 1.4826  # MAD → standard deviation under normality (Wang et al. §IV)
@@ -159,15 +159,7 @@ class NeuralCleanse(Defense):
             x[:count] = stamp(x[:count], mask, pattern)
             return x
 
-        return fine_tune(
-            model,
-            clean,
-            epochs=self.cfg.epochs,
-            lr=self.cfg.lr,
-            batch_size=self.ctx.batch_size,
-            generator=self.ctx.generator(6),
-            batch_transform=with_reversed_triggers,
-        )
+        return self.fine_tune_on_clean_share(model, draw=6, batch_transform=with_reversed_triggers)
 
     def report(self) -> dict[str, float]:
         out = {f"nc_anomaly_index_{k}": float(v) for k, v in enumerate(self.anomaly)}
