@@ -49,6 +49,15 @@ def test_result_and_artifacts(tmp_path):
     assert len(indices) == result.poisoned_count == 70
     assert (tmp_path / "checkpoint" / "state.pt").is_file()
     assert 0 <= result.robust_acc <= 100
+    # Weng et al.'s count beside asr, per epoch and at the end
+    assert 0 <= saved["asr_pred"] == result.asr_pred == result.history[-1]["asr_pred"] <= 100
+
+
+def test_wanet_per_batch_run_saves_no_fixed_set_but_pictures_the_trigger(tmp_path):
+    result = fit(from_flat({**FAST, "attack.name": "wanet"}), workdir=tmp_path)
+    assert result.poisoned_count == 0 and len(np.load(tmp_path / "poisoned_indices.npy")) == 0
+    assert (tmp_path / "trigger.png").is_file()
+    assert result.asr > 0
 
 
 def test_cpu_runs_are_deterministic():
