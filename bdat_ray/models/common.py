@@ -74,3 +74,12 @@ def batch_statistics_frozen(model: nn.Module) -> Iterator[None]:
             m.momentum = momentum
             m.num_batches_tracked.copy_(count)
         model.train(was_training)
+
+
+class MemberAware(nn.Module):
+    """A parameter-free op that mixes channels (a per-image standardisation over all of them,
+    a zero-padding of the channel axis). Horizontal fusion (`bdat_ray.models.fused`) lays K
+    members side by side along the channels and sets ``members`` = K, so the op treats each
+    member's block of channels on its own; alone it is 1."""
+
+    members = 1

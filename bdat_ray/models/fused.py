@@ -11,6 +11,8 @@ members side by side, member-major along the channel axis:
 - ``GroupNorm(G, C)`` -> ``GroupNorm(K·G, K·C)``: groups are contiguous channel blocks;
 - ``Linear(i, o)`` -> `FusedLinear` (a batched matrix product over the K members);
 - the models' input `Normalize` -> per-member mean/std buffers side by side;
+- ops that mix channels without weights (`models.common.MemberAware`: per-image
+  standardisation, channel zero-padding) are told how many members they hold;
 - parameter-free layers (ReLU, pooling, Identity, ...) are channel-wise and kept as they are.
 
 `FusedModel` takes and returns the *stacked* layout the engine, the attacks and the losses
@@ -33,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bdat_ray.models.common import Normalize
+from bdat_ray.models.common import MemberAware, Normalize
 
 #: Layers that act on each channel (or each position) alone: fusion keeps them unchanged.
 CHANNELWISE = (
@@ -144,7 +146,7 @@ FUSERS = {
 def check_fusable(model: nn.Module) -> None:
     """Raise ValueError naming the first layer fusion cannot split by member."""
     for name, module in model.named_modules():
-        if type(module) in FUSERS or isinstance(module, CHANNELWISE):
+        if type(module) in FUSERS or isinstance(module, (*CHANNELWISE, MemberAware)):
             continue
         own_params = list(module.parameters(recurse=False)) + list(module.buffers(recurse=False))
         if own_params:
@@ -156,6 +158,8 @@ def _fuse_tree(members: list[nn.Module]) -> nn.Module:
     if kind in FUSERS:
         return FUSERS[kind](members)
     fused = copy.copy(members[0])  # same class and plain attributes; own state made afresh
+    if isinstance(fused, MemberAware):
+        fused.members = len(members) * members[0].members
     fused._parameters, fused._buffers = OrderedDict(), OrderedDict()  # empty: check_fusable
     fused._modules = OrderedDict(
         (name, _fuse_tree([m._modules[name] for m in members]) if child is not None else None)

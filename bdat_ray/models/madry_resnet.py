@@ -13,16 +13,36 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bdat_ray.models.common import FeatureClassifier, norm_layer, scaled
+from bdat_ray.models.common import FeatureClassifier, MemberAware, norm_layer, scaled
 
 LEAK = 0.1  # leaky ReLU slope of the reference
 
 
-def standardize(x: torch.Tensor) -> torch.Tensor:
-    flat = x.flatten(1)
-    floor = flat.shape[1] ** -0.5
-    std = flat.std(1, unbiased=False).clamp_min(floor)
-    return (x - flat.mean(1).view(-1, 1, 1, 1)) / std.view(-1, 1, 1, 1)
+class ImageStandardization(MemberAware):
+    """TF's ``per_image_standardization``: each image to mean 0 and std max(σ, 1/sqrt(#values))
+    over all its values (each member's channels on their own when fused)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(x.shape[0] * self.members, -1)
+        floor = flat.shape[1] ** -0.5
+        std = flat.std(1, unbiased=False).clamp_min(floor)
+        mean = flat.mean(1)
+        return ((flat - mean[:, None]) / std[:, None]).view_as(x)
+
+
+class ChannelZeroPad(MemberAware):
+    """The reference's shortcut padding: ``pad`` zero channels before and after (per member
+    when fused)."""
+
+    def __init__(self, pad: int):
+        super().__init__()
+        self.pad = pad
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        per_member = x.view(b, self.members, c // self.members, h, w)
+        padded = F.pad(per_member, (0, 0, 0, 0, self.pad, self.pad))
+        return padded.view(b, -1, h, w)
 
 
 def tf_norm(kind: str, channels: int) -> nn.Module:
@@ -41,16 +61,15 @@ class MadryUnit(nn.Module):
         self.activate_before = activate_before
         self.bn1, self.conv1 = tf_norm(norm, cin), nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
         self.bn2, self.conv2 = tf_norm(norm, cout), nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.stride, self.pad = stride, (cout - cin) // 2
+        self.stride, self.pad = stride, ChannelZeroPad((cout - cin) // 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         act = F.leaky_relu(self.bn1(x), LEAK)
         skip = act if self.activate_before else x
         out = self.conv1(act)
         out = self.conv2(F.leaky_relu(self.bn2(out), LEAK))
-        if self.pad or self.stride > 1:
-            skip = F.avg_pool2d(skip, self.stride, self.stride)
-            skip = F.pad(skip, (0, 0, 0, 0, self.pad, self.pad))
+        if self.pad.pad or self.stride > 1:
+            skip = self.pad(F.avg_pool2d(skip, self.stride, self.stride))
         return out + skip
 
 
@@ -67,6 +86,7 @@ class MadryResNet(FeatureClassifier):
         units: int = 5,
     ):
         super().__init__(mean, std)
+        self.standardize = ImageStandardization()
         stem, *filters = (scaled(c, width) for c in (16, 16, 32, 64))
         self.stem = nn.Conv2d(in_channels, stem, 3, 1, 1, bias=False)
         stages, cin = [], stem
@@ -80,7 +100,7 @@ class MadryResNet(FeatureClassifier):
         self.linear = nn.Linear(cin, num_classes)
 
     def features(self, x: torch.Tensor) -> list[torch.Tensor]:
-        return self.stages_forward(standardize(x))
+        return self.stages_forward(self.standardize(x))
 
     def stages_forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         out, feats = self.stem(x), []
