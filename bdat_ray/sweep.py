@@ -762,13 +762,15 @@ def _close_orphan_study_trials(record: dict[str, Any]) -> None:
 
 
 def trial_rows(
-    sweep_dir: str, trials: list[Any] | None = None
+    sweep_dir: str, trials: list[Any] | None = None, *, early_stopping: bool = True
 ) -> tuple[list[dict[str, Any]], list[str]]:
     """One row per Ray trial (``trials``: the controller's, else the experiment's saved
     state): outcome, metrics, what it trained (attack, threat model, budgets) and its
     environment group; and the keys that make the groups. Outcomes: finished (reported
     ``final``), failed, stopped (early, by the scheduler) and unfinished (an interrupted
-    sweep)."""
+    sweep). The controller also ends the trials a Ctrl-C leaves behind as TERMINATED: a
+    trial without its final report counts as stopped only where a scheduler could stop it
+    (``early_stopping``) and it reported an epoch."""
     from ray.tune import ExperimentAnalysis
 
     from bdat_ray.trainable import trial_overrides
@@ -782,8 +784,10 @@ def trial_rows(
         last = trial.last_result or {}
         if trial.status == "ERROR":
             outcome = "failed"
-        elif trial.status == "TERMINATED":
-            outcome = "finished" if last.get("final") else "stopped"
+        elif trial.status == "TERMINATED" and last.get("final"):
+            outcome = "finished"
+        elif trial.status == "TERMINATED" and early_stopping and "epoch" in last:
+            outcome = "stopped"
         else:
             outcome = "unfinished"
         rows.append(
@@ -875,7 +879,9 @@ def _report(
     from bdat_ray import tracking
 
     sweep_dir = store.join(record["storage"], record["sweep_id"])
-    rows, environment = trial_rows(sweep_dir, trials)
+    rows, environment = trial_rows(
+        sweep_dir, trials, early_stopping=space.early_stopping is not None
+    )
     front = pareto_rows(space, rows)
     count = {o: sum(r["outcome"] == o for r in rows) for o in OUTCOMES}
     interrupted = count["unfinished"] > 0 or len(rows) < space.trial_count
