@@ -55,7 +55,8 @@ NON_RETRYABLE = ("diverged", "bad_config", "no_cuda")
 #: `sweep.MAX_FAILURES`); an exception raised inside the trial is retried this many times,
 #: and no trial starts more than MAX_ATTEMPTS times, whatever ended the earlier ones.
 ERROR_RETRIES = 2
-MAX_ATTEMPTS = 20
+#: ``BDAT_RAY_MAX_ATTEMPTS`` in the driver's environment (trials inherit it) lowers or raises it.
+MAX_ATTEMPTS = int(os.environ.get("BDAT_RAY_MAX_ATTEMPTS", "20"))
 #: Where a cluster run finds its commit: ``ray up`` syncs no ``.git``, so the command that
 #: starts the driver passes ``BDAT_RAY_GIT_COMMIT="$(git describe --always --dirty
 #: --abbrev=40)"`` from the local checkout (docs/cluster.md).

@@ -201,13 +201,16 @@ def test_abl_isolates_its_share_and_scores_it_as_detection(digits):
 
 def test_cross_lipschitz_penalty_is_the_pairwise_sum_of_the_reference(digits):
     from bdat_ray.defenses.lipschitz import cross_lipschitz
+    from bdat_ray.models.common import batch_statistics_frozen
     from tests.conftest import small_model
 
     model = small_model(digits).eval()
     x = digits.x_train[:4].float() / 255
     penalty = cross_lipschitz(model, x)
     xr = x.clone().requires_grad_(True)
-    logits = model(xr)
+    # The penalty is taken as training sees the batch: batch statistics, running ones frozen.
+    with batch_statistics_frozen(model):
+        logits = model(xr)
     grads = [
         torch.autograd.grad(logits[:, k].sum(), xr, retain_graph=True)[0].flatten(1)
         for k in range(10)
