@@ -30,7 +30,7 @@ from ray import tune
 from ray.tune.search.optuna import OptunaSearch
 
 from bdat_ray.search_space import Constraint, describe_trial
-from bdat_ray.tracking import SweepTracking, mark_trial, note_recovery, redact
+from bdat_ray.tracking import ERROR_RETRIES, SweepTracking, mark_trial, note_recovery, redact
 
 progress = logging.getLogger("bdat_ray.progress")
 
@@ -211,6 +211,16 @@ class FinalOnlyOptunaSearch(OptunaSearch):
 
 #: Errors a retry would only repeat; their retries end at once (`tracking.TrialRun.open`).
 DETERMINISTIC_ERRORS = ("TrainingDiverged", "ConfigError", "TrialFailedBefore", "NoCudaOnNode")
+#: Ray's errors for a trial process or node that went away (a spot reclaim, an OOM kill):
+#: retried without limit. Any other error is an exception raised inside the trial.
+LOST_PROCESS_ERRORS = (
+    "ActorDiedError",
+    "RayActorError",
+    "NodeDiedError",
+    "WorkerCrashedError",
+    "ActorUnavailableError",
+    "OutOfMemoryError",
+)
 
 
 def _error(trial: Any) -> tuple[str, str]:
@@ -227,12 +237,14 @@ def _error(trial: Any) -> tuple[str, str]:
 
 class SweepProgress(tune.Callback):
     """Progress a person can follow (logged on ``bdat_ray.progress``), plus the MLflow
-    outcome of trials that could not record it themselves. Stateless, so a restored sweep
-    (which unpickles this object as it was at the start) still counts right."""
+    outcome of trials that could not record it themselves. Its only state is the count of
+    exceptions per trial; a restored sweep (which unpickles this object as it was at the
+    start) counts them afresh."""
 
     def __init__(self, tracking: SweepTracking, total: int):
         self.tracking = tracking
         self.total = total
+        self._exceptions: dict[str, int] = {}  # per trial id: errors raised inside the trial
 
     def _record(self, write: Callable[..., None], trial: Any, *args: str) -> None:
         """Write a trial's outcome to MLflow, or say why it could not: an unreachable store
@@ -315,6 +327,13 @@ class SweepProgress(tune.Callback):
             # Tune retries without limit (sweep.MAX_FAILURES, for spot reclaims); this makes
             # the next failure final: the retry's `TrialFailedBefore`, raised at once.
             trial.max_failures = 0
+        elif kind not in LOST_PROCESS_ERRORS:
+            # An exception inside the trial gets ERROR_RETRIES retries. The trial counts them
+            # itself in MLflow (`tracking.TrialRun.open`); counted here too, for the errors
+            # that keep it from reaching MLflow at all (the store is down).
+            self._exceptions[trial.trial_id] = self._exceptions.get(trial.trial_id, 0) + 1
+            if self._exceptions[trial.trial_id] >= ERROR_RETRIES:
+                trial.max_failures = 0
         if kind == "TrialFailedBefore":
             return  # the first failure was reported; this retry ended at once
         if kind in DETERMINISTIC_ERRORS:
