@@ -119,10 +119,12 @@ def load_study(sweep: Sweep) -> Any | None:
     name = sweep.tags.get("bdat_ray.optuna_study")
     if not where or not name:
         return None
-    storage = where if "://" in where else f"sqlite:///{where}"
     if "://" not in where and not Path(where).is_file():
         log.warning("Optuna study %s not found at %s", name, where)
         return None
+    from bdat_ray.sweep import optuna_storage  # the journal (or an older sweep's SQLite)
+
+    storage = where if "://" in where else optuna_storage(where)
     return optuna.load_study(study_name=name, storage=storage)
 
 
@@ -131,7 +133,8 @@ def dashboard_hint(sweep: Sweep) -> str | None:
     where = sweep.tags.get("bdat_ray.optuna_storage")
     if not where:
         return None
-    storage = where if "://" in where else f"sqlite:///{where}"
+    # optuna-dashboard opens a journal file by its path, a SQLite study by its URL
+    storage = f"sqlite:///{where}" if where.endswith(".db") else where
     return f"pip install optuna-dashboard && optuna-dashboard {storage}"
 
 

@@ -269,8 +269,10 @@ def test_a_constrained_optuna_sweep_keeps_infeasible_trials_out_of_best_trials(t
     proc, uri = sweep_of(tmp_path, "constrained", body)
     assert "feasible   asr <= 90" in proc.stdout
     directory = sweep_dir(tmp_path / "out")
+    from bdat_ray.sweep import optuna_storage
+
     study = optuna.load_study(
-        study_name=directory.name, storage=f"sqlite:///{directory / 'optuna.db'}"
+        study_name=directory.name, storage=optuna_storage(str(directory / "optuna.journal"))
     )
     complete = [t for t in study.trials if t.state.name == "COMPLETE"]
     assert len(complete) == 5
@@ -310,7 +312,7 @@ def test_a_constrained_optuna_sweep_keeps_infeasible_trials_out_of_best_trials(t
         assert (tmp_path / "report" / name).stat().st_size > 10_000, name
     page = (tmp_path / "report" / "index.html").read_text()
     assert "Feasible front" in page and "meet asr &lt;= 90" in page
-    assert f"optuna-dashboard sqlite:///{directory / 'optuna.db'}" in page
+    assert f"optuna-dashboard {directory / 'optuna.journal'}" in page
     assert "reference point acc = 0 %, asr = 100 % (the worst values)" in page
 
 
