@@ -526,7 +526,7 @@ def clean_batch_stats(
     return loss, (logits.argmax(1) == y).sum()
 
 
-def _save_state(path: Path, state: dict[str, Any]) -> None:
+def save_state(path: Path, state: dict[str, Any]) -> None:
     path.mkdir(parents=True, exist_ok=True)
     tmp = path / (CHECKPOINT_FILE + ".tmp")
     torch.save(state, tmp)
@@ -617,7 +617,7 @@ def fit(
             )
             bar.close()
         if checkpoint_dir is not None:
-            _save_state(
+            save_state(
                 checkpoint_dir,
                 {
                     "epoch": epoch,

@@ -24,25 +24,33 @@ functions on each member's unfused copy, so every metric is computed in one plac
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from bdat_ray.backdoors import BACKDOORS
 from bdat_ray.config import Config, ConfigError, at_components
 from bdat_ray.data import ImageData
 from bdat_ray.data.augment import augment, shuffled_batches, to_float
 from bdat_ray.engine import (
+    CHECKPOINT_FILE,
     Prepared,
     RunResult,
     TrainingDiverged,
     evaluate,
     evaluate_robust,
+    load_state,
     make_optimizer,
+    poison_context,
     prepare,
+    save_poisoning_artifacts,
+    save_state,
 )
 from bdat_ray.models.common import batch_statistics_frozen
 from bdat_ray.models.fused import FusedModel, copy_member, fuse, member_view
@@ -65,6 +73,7 @@ SHARED_KEYS = (
     "train.amp",
     "train.optimizer",
     "train.crop_padding",
+    "train.compile",
     "at.threat",
     "at.components",
     "at.mix",
@@ -74,42 +83,76 @@ SHARED_KEYS = (
 )
 
 
+def unfusable_reason(cfg: Config) -> tuple[str, str] | None:
+    """(key, why) when the run ``cfg`` cannot be fused with any other; None when it can."""
+    if cfg.train.optimizer != "sgd":
+        return "train.optimizer", "fused members train with SGD (MemberSGD)"
+    if cfg.defense.name != "none":
+        return "defense.name", "defenses are not fused; run them as single trials"
+    if cfg.at.mix == "random" and cfg.at.threat in ("composite", "cat"):
+        return "at.mix", "mix=random draws one threat per batch and member: not fused"
+    attack = BACKDOORS[cfg.attack.name](cfg.attack, poison_context(cfg, torch.device("cpu")))
+    if attack.redraws_each_epoch:
+        return "attack.name", "attacks that re-draw their poison are not fused"
+    return None
+
+
+def _threat_structure(cfg: Config) -> list[tuple[Any, ...]]:
+    """Threat kinds, steps and weights, plus the budget of threats whose budget is shared."""
+    return [
+        (c.threat, c.steps, round(c.weight, 9))
+        + (() if c.threat in PER_SAMPLE_BUDGETS else (c.eps, c.step_size))
+        for c in at_components(cfg.at)
+    ]
+
+
+def fusion_key(cfg: Config) -> str:
+    """Runs with equal keys can train as one fused network (when `unfusable_reason` is None)."""
+    flat = cfg.to_flat()
+    shared = sorted((k, repr(v)) for k, v in flat.items() if k.startswith(SHARED_KEYS))
+    return repr((shared, _threat_structure(cfg)))
+
+
+def pack(cfgs: Sequence[Config], members: int) -> list[list[int]]:
+    """The runs ``cfgs`` (by index) packed into fused groups of at most ``members``: runs
+    with the same `fusion_key`, in their order; a run that cannot be fused stays alone.
+    Groups are ordered by their first run."""
+    alone, groups = [], {}
+    for i, cfg in enumerate(cfgs):
+        if members == 1 or unfusable_reason(cfg) is not None:
+            alone.append([i])
+        else:
+            groups.setdefault(fusion_key(cfg), []).append(i)
+    packs = alone + [g[j : j + members] for g in groups.values() for j in range(0, len(g), members)]
+    return sorted(packs)
+
+
 def check_fusable(preps: Sequence[Prepared]) -> None:
     """Raise `ConfigError` naming the first key the members may not differ in."""
     flats = [p.cfg.to_flat() for p in preps]
     for key in flats[0]:
-        if key.startswith(SHARED_KEYS) or key in SHARED_KEYS:
+        if key.startswith(SHARED_KEYS):
             values = {repr(f[key]) for f in flats}
             if len(values) > 1:
                 raise ConfigError(key, f"fused members must share it; got {sorted(values)}")
-    if flats[0]["train.optimizer"] != "sgd":
-        raise ConfigError("train.optimizer", "fused members train with SGD (MemberSGD)")
-    if flats[0]["defense.name"] != "none":
-        raise ConfigError("defense.name", "defenses are not fused; run them as single trials")
-    if flats[0]["at.mix"] == "random" and flats[0]["at.threat"] in ("composite", "cat"):
-        raise ConfigError("at.mix", "mix=random draws one threat per batch and member: not fused")
-    if any(p.backdoor.redraws_each_epoch for p in preps):
-        raise ConfigError("attack.name", "attacks that re-draw their poison are not fused")
+    for p in preps:
+        if (reason := unfusable_reason(p.cfg)) is not None:
+            raise ConfigError(*reason)
     shapes = {tuple(p.poisoned.data.x_train.shape) for p in preps}
     if len(shapes) > 1:
         raise ConfigError("data.name", "fused members must train on equally many images")
-    structures = []
-    for p in preps:
-        components = at_components(p.cfg.at)
-        structures.append([(c.threat, c.steps, round(c.weight, 9)) for c in components])
-        for c in components:
-            if c.threat in PER_SAMPLE_BUDGETS:
-                continue
-            resolved = (c.eps, c.step_size)
-            first = next(x for x in at_components(preps[0].cfg.at) if x.threat == c.threat)
-            if resolved != (first.eps, first.step_size):
+    first = _threat_structure(preps[0].cfg)
+    for p in preps[1:]:
+        mine = _threat_structure(p.cfg)
+        if [s[:3] for s in mine] != [s[:3] for s in first]:
+            raise ConfigError("at.steps", "fused members need the same threat steps and weights")
+        for ours, theirs in zip(mine, first, strict=True):
+            if ours != theirs:
                 raise ConfigError(
-                    f"at.{c.threat}.eps",
-                    f"{c.threat} members must share budget and step size "
+                    f"at.{ours[0]}.eps",
+                    f"{ours[0]} members must share budget and step size "
                     f"(per-member budgets: {', '.join(PER_SAMPLE_BUDGETS)})",
                 )
-    if any(s != structures[0] for s in structures):
-        raise ConfigError("at.steps", "fused members need the same threat steps and weights")
 
 
 class StackedThreat:
@@ -170,6 +213,14 @@ class MemberSGD:
         gradients hold; the others train on."""
         self.active[member] = False
 
+    def state_dict(self) -> dict[str, Any]:
+        return {"buffers": self.buffers, "active": self.active}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        device = self.active.device
+        self.active = state["active"].to(device)
+        self.buffers = [None if b is None else b.to(device) for b in state["buffers"]]
+
     def set_lr(self, lrs: Sequence[float]) -> None:
         self.lr = torch.tensor(list(lrs), device=self.lr.device).view(-1, 1)
 
@@ -221,22 +272,44 @@ def _fused_objective(preps: Sequence[Prepared], device: torch.device):
     return AdversarialTraining(threats, mix=first.mix, bn_mode=first.bn_mode)
 
 
-MemberCallback = Callable[[int, dict[str, float]], None]
+#: ``on_epoch(epoch, metrics, diverged, checkpoint_dir)`` after each epoch: the metrics of
+#: the members still training, every member that diverged so far (index -> error) and the
+#: directory holding the fused checkpoint (None without a ``workdir``).
+FusedEpochCallback = Callable[
+    [int, dict[int, dict[str, float]], dict[int, TrainingDiverged], Path | None], None
+]
+
+
+def member_dir(workdir: Path, member: int) -> Path:
+    """Member ``member``'s own files (poisoned indices, trigger picture, result.json)."""
+    return workdir / f"member_{member}"
 
 
 def fit_fused(
     cfgs: Sequence[Config],
     *,
     data: ImageData | None = None,
-    on_epoch: MemberCallback | None = None,
+    workdir: str | Path | None = None,
+    resume_from: str | Path | None = None,
+    on_epoch: FusedEpochCallback | None = None,
 ) -> list[RunResult | TrainingDiverged]:
     """Train the runs ``cfgs`` as one fused network. Per member, the `RunResult`
     `engine.fit` would return, or the `TrainingDiverged` it would raise (a member that
-    diverges is frozen; the others go on). ``on_epoch(member, metrics)`` after each epoch."""
+    diverges is frozen; the others go on).
+
+    ``workdir`` receives, as `engine.fit`'s does, each member's poisoned indices, trigger
+    picture and ``result.json`` (in `member_dir`) and, after every epoch, one checkpoint of
+    the whole fused state (``checkpoint/state.pt``: weights, every member's momentum, data
+    and attack generators, history and divergence); ``resume_from`` continues from one."""
     started = time.perf_counter()
     preps = [prepare(c, data) for c in cfgs]
     check_fusable(preps)
     k, device = len(preps), preps[0].device
+    workdir = Path(workdir) if workdir else None
+    checkpoint_dir = workdir / "checkpoint" if workdir else None
+    if workdir:
+        for i, p in enumerate(preps):
+            save_poisoning_artifacts(p, member_dir(workdir, i))
     memory_format = torch.channels_last if preps[0].channels_last else torch.contiguous_format
     model = fuse([p.model for p in preps]).to(device, memory_format=memory_format)
     optimizer = MemberSGD(model, [p.cfg for p in preps])
@@ -251,14 +324,32 @@ def fit_fused(
     objective = _fused_objective(preps, device)
     histories: list[list[dict[str, float]]] = [[] for _ in preps]
     failed: dict[int, TrainingDiverged] = {}
+    first_epoch = 1
+    hashes = [c.hash() for c in cfgs]
+    if resume_from is not None and (Path(resume_from) / CHECKPOINT_FILE).is_file():
+        state = load_state(Path(resume_from))
+        if state["config_hashes"] != hashes:
+            raise ConfigError("--resume", "checkpoint was written by fused runs of other configs")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        for mine, saved in zip(generators, state["rng"], strict=True):
+            for name, gen in mine.items():
+                gen.set_state(saved[name])
+        histories = [list(h) for h in state["history"]]
+        failed = {int(i): TrainingDiverged(message) for i, message in state["failed"].items()}
+        for i, p in enumerate(preps):
+            copy_member(model, p.model, i)
+        first_epoch = int(state["epoch"]) + 1
+        log.info("fused run of %d resumed after epoch %d", k, first_epoch - 1)
     first = preps[0]
     n_train, batch_size = len(first.poisoned.data.y_train), first.cfg.train.batch_size
-    for epoch in range(1, first.cfg.train.epochs + 1):
+    for epoch in range(first_epoch, first.cfg.train.epochs + 1):
         t0 = time.perf_counter()
         lrs = [s[epoch - 1] for s in schedules]
         optimizer.set_lr(lrs)
         stats = _train_epoch(model, objective, optimizer, preps, generators, batch_size, n_train)
         seconds = time.perf_counter() - t0
+        epoch_metrics: dict[int, dict[str, float]] = {}
         for i, p in enumerate(preps):
             if i in failed:
                 continue
@@ -271,7 +362,7 @@ def fit_fused(
                 log.warning("fused member %d diverged in epoch %d; the others go on", i, epoch)
                 continue
             copy_member(model, p.model, i)
-            metrics = {
+            epoch_metrics[i] = {
                 "epoch": epoch,
                 "lr": lrs[i],
                 **stats[i],
@@ -280,9 +371,22 @@ def fit_fused(
                 "images_per_s": n_train / seconds,
                 "fused_members": k,
             }
-            histories[i].append(metrics)
-            if on_epoch is not None:
-                on_epoch(i, metrics)
+            histories[i].append(epoch_metrics[i])
+        if checkpoint_dir is not None:
+            save_state(
+                checkpoint_dir,
+                {
+                    "epoch": epoch,
+                    "config_hashes": hashes,
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "rng": [{n: g.get_state() for n, g in gens.items()} for gens in generators],
+                    "history": histories,
+                    "failed": {str(i): str(err) for i, err in failed.items()},
+                },
+            )
+        if on_epoch is not None:
+            on_epoch(epoch, epoch_metrics, dict(failed), checkpoint_dir)
     results: list[RunResult | TrainingDiverged] = []
     for i, p in enumerate(preps):
         if i in failed:
@@ -290,23 +394,26 @@ def fit_fused(
             continue
         final = evaluate(p)
         train_seconds = sum(h["epoch_seconds"] for h in histories[i])
-        results.append(
-            RunResult(
-                acc=final["acc"],
-                asr=final["asr"],
-                asr_pred=final["asr_pred"],
-                robust_acc=evaluate_robust(p),
-                seconds=time.perf_counter() - started,
-                epochs=p.cfg.train.epochs,
-                images_per_s=n_train * len(histories[i]) / train_seconds,
-                poisoned_count=len(p.poisoned.poison_indices),
-                device=str(device),
-                craft_seconds=p.craft_seconds,
-                config=p.cfg.to_flat(),
-                history=histories[i],
-                model=p.model,
-            )
+        result = RunResult(
+            acc=final["acc"],
+            asr=final["asr"],
+            asr_pred=final["asr_pred"],
+            robust_acc=evaluate_robust(p),
+            seconds=time.perf_counter() - started,
+            epochs=p.cfg.train.epochs,
+            images_per_s=n_train * len(histories[i]) / train_seconds,
+            poisoned_count=len(p.poisoned.poison_indices),
+            device=str(device),
+            craft_seconds=p.craft_seconds,
+            config=p.cfg.to_flat(),
+            history=histories[i],
+            model=p.model,
         )
+        if workdir:
+            (member_dir(workdir, i) / "result.json").write_text(
+                json.dumps(result.to_dict(), indent=2)
+            )
+        results.append(result)
     return results
 
 

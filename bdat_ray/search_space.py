@@ -15,6 +15,7 @@ A space file is plain YAML — nothing in it is evaluated. Its sections::
     objectives: {acc: max, asr: min}   # default; metrics: acc asr robust_acc seconds ...
     num_samples: 24              # Optuna: trials; grid: repeats (train.seed + r)
     max_concurrent: 2            # trials in flight at once (default: grid no limit, Optuna 4)
+    fuse: 4                      # grid: train up to 4 compatible trials as one network
     resources: {cpu: 1, gpu: 0.25}   # per trial; fractional GPUs share one device
     early_stopping: {metric: acc, mode: max, grace_period: 2, reduction_factor: 3}  # ASHA
     # early_stopping: {method: mo_asha, grace_period: 3, reduction_factor: 3}  # on objectives
@@ -87,6 +88,7 @@ SECTIONS = (
     "objectives",
     "num_samples",
     "max_concurrent",
+    "fuse",
     "resources",
     "early_stopping",
     "constraints",
@@ -227,6 +229,9 @@ class SearchSpace:
     objectives: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_OBJECTIVES))
     num_samples: int | None = None
     max_concurrent: int | None = None
+    #: Grid trials trained as one fused network (`bdat_ray.fused`), at most this many per
+    #: Ray trial; 1 trains each trial on its own.
+    fuse: int = 1
     cpus: float = 1.0
     gpus: float = 0.0
     early_stopping: EarlyStopping | MultiObjectiveEarlyStopping | None = None
@@ -310,9 +315,12 @@ class SearchSpace:
         max_concurrent: int | None = None,
         cpus: float | None = None,
         gpus: float | None = None,
+        fuse: int | None = None,
     ) -> SearchSpace:
         """A copy with command-line settings applied (None keeps the file's value)."""
         changes: dict[str, Any] = {}
+        if fuse is not None:
+            changes["fuse"] = _positive_int("--fuse", fuse)
         if num_samples is not None:
             changes["num_samples"] = _positive_int("--num-samples", num_samples)
         if max_concurrent is not None:
@@ -423,6 +431,7 @@ def load_space(path: str | Path) -> SearchSpace:
         objectives=_parse_objectives(where, content.get("objectives", DEFAULT_OBJECTIVES)),
         num_samples=_optional_int(where, "num_samples", content.get("num_samples")),
         max_concurrent=_optional_int(where, "max_concurrent", content.get("max_concurrent")),
+        fuse=_optional_int(where, "fuse", content.get("fuse")) or 1,
         early_stopping=_parse_early_stopping(where, content.get("early_stopping")),
         **_parse_search_sections(where, content),
         seed=_optional_int(where, "seed", content.get("seed"), minimum=0, maximum=SAMPLER_SEED_MAX)
@@ -805,6 +814,17 @@ def _check_size(space: SearchSpace, where: str) -> None:
 
 def _check_settings(space: SearchSpace, where: str) -> None:
     _check_size(space, where)
+    if space.fuse > 1 and space.mode != GRID:
+        raise ConfigError(
+            f"{where}: fuse",
+            "packs grid trials; an Optuna search asks for one point at a time (use fuse: 1)",
+        )
+    if space.fuse > 1 and space.early_stopping is not None:
+        raise ConfigError(
+            f"{where}: fuse",
+            "a scheduler stops whole Ray trials, and a fused trial's members would stop "
+            "together; drop early_stopping or use fuse: 1",
+        )
     for branch in space.branches():
         kinds = {d.kind for d in branch.dimensions}
         if GRID in kinds and kinds != {GRID}:

@@ -97,6 +97,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--cpus-per-trial", type=float, metavar="C", help="CPU cores per trial")
     p.add_argument("--max-concurrent", type=int, metavar="K", help="trials in flight at once")
     p.add_argument(
+        "--fuse",
+        type=int,
+        metavar="K",
+        help="grid: train up to K compatible trials as one fused network per Ray trial "
+        "(bdat_ray.fused; each stays its own trial in MLflow and the reports)",
+    )
+    p.add_argument(
         "--mlflow-uri",
         metavar="URI",
         help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)",
@@ -138,15 +145,24 @@ def plan_text(space: SearchSpace, name: str) -> str:
         f"{m} {'↑' if mode == 'max' else '↓'}" for m, mode in space.objectives.items()
     )
     limit = space.concurrency
+    per = "Ray trial (fused pack)" if space.fuse > 1 else "trial"
     lines = [
         f"space      {space.path}"
         + (f" — {space.description.splitlines()[0]}" if space.description else ""),
         f"sweep      {name}",
         f"search     {search}",
         f"objectives {goals}",
-        f"resources  {space.cpus:g} CPU + {space.gpus:g} GPU per trial; "
+        f"resources  {space.cpus:g} CPU + {space.gpus:g} GPU per {per}; "
         + (f"at most {limit} at once" if limit else "as many at once as resources allow"),
     ]
+    if space.fuse > 1:
+        packs = fused_packs(space)
+        fused = [p for p in packs if len(p) > 1]
+        lines.append(
+            f"fusion     up to {space.fuse} trials per network: {count} trials in "
+            f"{len(packs)} Ray trials ({len(fused)} fused, {len(packs) - len(fused)} alone); "
+            "packs: " + " ".join("+".join(str(i + 1) for i in p) for p in packs)
+        )
     if space.constraints:
         lines.append(
             f"feasible   {describe_constraints(space.constraints)} (final results; only "
@@ -203,12 +219,35 @@ def grid_listing(space: SearchSpace, limit: int = 40) -> str:
     return "\n".join(lines)
 
 
+def fused_packs(space: SearchSpace) -> list[list[int]]:
+    """The grid's trials (indices into `SearchSpace.grid_points`) packed into fused Ray
+    trials of at most ``space.fuse`` (`bdat_ray.fused.pack`: compatible trials in grid
+    order; one that cannot be fused stays alone)."""
+    from bdat_ray.fused import pack
+
+    return pack([from_flat(p) for p in space.grid_points()], space.fuse)
+
+
+def grid_trials(space: SearchSpace) -> list[dict[str, Any]]:
+    """The grid's Ray trials: each a trial's overrides, or a fused pack of them."""
+    from bdat_ray.trainable import FUSED_MEMBERS
+
+    points = space.grid_points()
+    if space.fuse == 1:
+        return points
+    return [
+        points[p[0]] if len(p) == 1 else {FUSED_MEMBERS: [points[i] for i in p]}
+        for p in fused_packs(space)
+    ]
+
+
 def space_hash(space: SearchSpace) -> str:
     """Short hash of what the sweep runs: the space file's text, the pins and the settings."""
     what = {
         "file": Path(space.path).read_text(),
         "pins": {k: repr(v) for k, v in space.overrides.items()},
-        "settings": [space.num_samples, space.max_concurrent, space.cpus, space.gpus],
+        "settings": [space.num_samples, space.max_concurrent, space.cpus, space.gpus]
+        + ([space.fuse] if space.fuse > 1 else []),
     }
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:12]
 
@@ -332,7 +371,7 @@ def _build_tuner(space: SearchSpace, record: dict[str, Any], trainable: Any, cal
     searcher = scheduler = None
     param_space: dict[str, Any] = {}
     if space.mode == GRID:
-        param_space = {GRID_POINT: tune.grid_search(space.grid_points())}
+        param_space = {GRID_POINT: tune.grid_search(grid_trials(space))}
     else:
         from ray.tune.search import ConcurrencyLimiter
 
@@ -408,6 +447,7 @@ def _new_sweep(args: argparse.Namespace, storage: str) -> tuple[SearchSpace, dic
         max_concurrent=args.max_concurrent,
         cpus=args.cpus_per_trial,
         gpus=args.gpus_per_trial,
+        fuse=args.fuse,
     )
     name = _check_name(space.name if args.name is None else args.name)
     record = {
@@ -419,6 +459,7 @@ def _new_sweep(args: argparse.Namespace, storage: str) -> tuple[SearchSpace, dic
             "max_concurrent": space.max_concurrent,
             "cpus": space.cpus,
             "gpus": space.gpus,
+            "fuse": space.fuse,
         },
         "storage": storage,
     }
@@ -434,6 +475,7 @@ def _resumed_sweep(args: argparse.Namespace, storage: str) -> tuple[SearchSpace,
             ("--gpus-per-trial", args.gpus_per_trial),
             ("--cpus-per-trial", args.cpus_per_trial),
             ("--max-concurrent", args.max_concurrent),
+            ("--fuse", args.fuse),
         )
         if value
     ]
@@ -658,6 +700,7 @@ def _start_tracking(space: SearchSpace, record: dict[str, Any], uri: str, sweep_
             "max_concurrent": space.concurrency,
             "cpus_per_trial": space.cpus,
             "gpus_per_trial": space.gpus,
+            "fuse": space.fuse,
             "objectives": ",".join(f"{k}:{v}" for k, v in space.objectives.items()),
             "early_stopping": space.early_stopping,
             "sampler_seed": space.seed if space.mode != GRID else None,
@@ -764,25 +807,25 @@ def _close_orphan_study_trials(record: dict[str, Any]) -> None:
 def trial_rows(
     sweep_dir: str, trials: list[Any] | None = None, *, early_stopping: bool = True
 ) -> tuple[list[dict[str, Any]], list[str]]:
-    """One row per Ray trial (``trials``: the controller's, else the experiment's saved
-    state): outcome, metrics, what it trained (attack, threat model, budgets) and its
+    """One row per trial — per Ray trial, and per member of a fused one (``trials``: the
+    controller's, else the experiment's saved state): outcome, metrics, what it trained (attack, threat model, budgets) and its
     environment group; and the keys that make the groups. Outcomes: finished (reported
     ``final``), failed, stopped (early, by the scheduler) and unfinished (an interrupted
-    sweep). The controller also ends the trials a Ctrl-C leaves behind as TERMINATED: a
+    sweep; a fused member that diverged alone failed). The controller also ends the trials a Ctrl-C leaves behind as TERMINATED: a
     trial without its final report counts as stopped only where a scheduler could stop it
     (``early_stopping``) and it reported an epoch."""
     from ray.tune import ExperimentAnalysis
 
-    from bdat_ray.trainable import trial_overrides
+    from bdat_ray.trainable import trial_members
 
     if trials is None:
         trials = ExperimentAnalysis(sweep_dir).trials
-    flats = [trial_overrides(t.config) for t in trials]
-    environment = environment_keys(flats)
+    members = [(trial, m) for trial in trials for m in trial_members(trial)]
+    environment = environment_keys([m.overrides for _, m in members])
     rows = []
-    for trial, flat in zip(trials, flats, strict=True):
-        last = trial.last_result or {}
-        if trial.status == "ERROR":
+    for trial, member in members:
+        last = member.last
+        if trial.status == "ERROR" or last.get("failed"):
             outcome = "failed"
         elif trial.status == "TERMINATED" and last.get("final"):
             outcome = "finished"
@@ -792,11 +835,11 @@ def trial_rows(
             outcome = "unfinished"
         rows.append(
             {
-                "trial": trial.trial_id,
+                "trial": member.trial_id,
                 "outcome": outcome,
-                "group": environment_group(flat, environment),
+                "group": environment_group(member.overrides, environment),
                 "run_id": last.get("mlflow_run_id"),
-                **describe_trial(flat),
+                **describe_trial(member.overrides),
                 **{m: last.get(m) for m in METRICS},
             }
         )

@@ -1,6 +1,7 @@
 """``python -m bdat_ray.table SPEC.yaml``: the comparison tables in the docs, reproducible
-with one command each — a small rows × columns grid of engine runs, one after another on
-this machine (no Ray, no MLflow), written as Markdown (and the raw results as JSON).
+with one command each — a small rows × columns grid of engine runs on this machine (no Ray,
+no MLflow), one after another or ``--jobs N`` at once, written as Markdown (and the raw
+results as JSON).
 
 A spec is data only::
 
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import time
@@ -111,6 +113,55 @@ def run_cell(flat: dict[str, Any], data_cache: dict) -> dict[str, Any]:
     return {**result.to_dict(), "epoch_seconds": sum(epoch_seconds) / len(epoch_seconds)}
 
 
+#: A worker process's loaded datasets (``--jobs``): its cells on the same data share them.
+_WORKER_DATA: dict = {}
+
+
+def _start_worker(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def _run_in_worker(flat: dict[str, Any]) -> dict[str, Any]:
+    return run_cell(flat, _WORKER_DATA)
+
+
+def run_cells(planned: dict[tuple[str, str], dict], metrics: list[str], jobs: int) -> dict:
+    """Every cell's result; with ``jobs`` > 1 in that many processes, each with an equal
+    share of the cores as torch threads (small models use cores poorly one run at a time).
+    Progress on stderr as cells finish."""
+    total = len(planned)
+    cells: dict[tuple[str, str], dict] = {}
+
+    def show(n: int, key: tuple[str, str], cell: dict[str, Any]) -> None:
+        label = f"[{n}/{total}] {key[0]} {key[1]}".rstrip()
+        print(f"{label}: {cell_text(cell, metrics)}", file=sys.stderr, flush=True)
+
+    if jobs == 1:
+        data_cache: dict = {}
+        for n, (key, flat) in enumerate(planned.items(), start=1):
+            print(f"[{n}/{total}] {key[0]} {key[1]}".rstrip() + " ...", file=sys.stderr, flush=True)
+            cells[key] = run_cell(flat, data_cache)
+            show(n, key, cells[key])
+        return cells
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    with ProcessPoolExecutor(
+        jobs,
+        mp_context=multiprocessing.get_context("spawn"),  # no forked torch thread pools
+        initializer=_start_worker,
+        initargs=(threads,),
+    ) as pool:
+        futures = {pool.submit(_run_in_worker, flat): key for key, flat in planned.items()}
+        for n, future in enumerate(as_completed(futures), start=1):
+            cells[futures[future]] = future.result()
+            show(n, futures[future], cells[futures[future]])
+    return {key: cells[key] for key in planned}
+
+
 def cell_text(cell: dict[str, Any], metrics: list[str] = ("acc", "asr")) -> str:
     if "error" in cell:
         return f"n/a ({cell['error'].split(': ', 1)[-1]})"
@@ -139,6 +190,7 @@ def render(
     command: str,
     seconds: float,
     extra: dict[str, Any],
+    jobs: int = 1,
 ) -> str:
     columns, metrics = list(spec["columns"]), spec["metrics"]
     names = " / ".join(metrics)
@@ -154,18 +206,20 @@ def render(
         "images not predicted as the target when clean, Weng et al.'s count) and the mean epoch "
         f"time in seconds. Fixed for every cell: {fixed or 'the defaults'}.",
         f"Produced by `{command}` on {date.today()} ({platform.processor() or platform.machine()}, "
-        f"{_device_name()}) in {seconds / 60:.1f} min.",
+        f"{_device_name(jobs)}) in {seconds / 60:.1f} min.",
     ]
     if spec.get("notes"):
         lines += ["", spec["notes"].strip()]
     return "\n".join(lines) + "\n"
 
 
-def _device_name() -> str:
+def _device_name(jobs: int) -> str:
     import torch
 
     if torch.cuda.is_available():
         return torch.cuda.get_device_name()
+    if jobs > 1:
+        return f"CPU, {jobs} cells at once × {max(1, (os.cpu_count() or 1) // jobs)} threads"
     return f"CPU, {torch.get_num_threads()} threads"
 
 
@@ -178,6 +232,13 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("spec", type=Path, help="table spec (YAML)")
     p.add_argument("--out", type=Path, help="Markdown output (default: SPEC with .md)")
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        metavar="N",
+        help="cells trained at once, in N processes sharing the cores (default 1)",
+    )
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="applied to every cell")
     return p
 
@@ -189,18 +250,14 @@ def main(argv: list[str] | None = None) -> int:
     extra = parse_overrides(args.overrides)
     out = writable_file("--out", args.out or args.spec.with_suffix(".md"))
     writable_file("--out", out.with_suffix(".json"))
+    if not 1 <= args.jobs <= 64:
+        raise ConfigError("--jobs", f"must be between 1 and 64; got {args.jobs}")
     planned = cell_overrides(spec, extra)
     command = " ".join(["python -m bdat_ray.table", str(args.spec), *args.overrides])
-    cells: dict[tuple[str, str], dict] = {}
-    data_cache: dict = {}
     started = time.perf_counter()
-    total = len(spec["rows"]) * len(spec["columns"])
-    for n, ((row, col), flat) in enumerate(planned.items(), start=1):
-        print(f"[{n}/{total}] {row} {col}".rstrip() + " ...", file=sys.stderr, flush=True)
-        cells[row, col] = run_cell(flat, data_cache)
-        print(f"    {cell_text(cells[row, col], spec['metrics'])}", file=sys.stderr, flush=True)
+    cells = run_cells(planned, spec["metrics"], args.jobs)
     seconds = time.perf_counter() - started
-    out.write_text(render(spec, cells, command, seconds, extra))
+    out.write_text(render(spec, cells, command, seconds, extra, args.jobs))
     raw = {f"{r} | {c}": cell for (r, c), cell in cells.items()}
     out.with_suffix(".json").write_text(json.dumps(raw, indent=1, default=str))
     print(out)

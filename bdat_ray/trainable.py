@@ -40,6 +40,9 @@ EPOCH_MARKER = "epoch.txt"
 #: Grid spaces put each trial's overrides under this key of the Tune config (one grid value
 #: per trial, so conditional dimensions can be expanded ahead of time).
 GRID_POINT = "grid_point"
+#: A fused Ray trial (``--fuse K``) holds its members' overrides under this key of its grid
+#: point; each member is a trial everywhere else (`trial_members`).
+FUSED_MEMBERS = "fused_members"
 
 
 def trial_overrides(config: Mapping[str, Any]) -> dict[str, Any]:
@@ -47,6 +50,40 @@ def trial_overrides(config: Mapping[str, Any]) -> dict[str, Any]:
     flat = {k: v for k, v in config.items() if k != GRID_POINT}
     flat.update(config.get(GRID_POINT) or {})
     return flat
+
+
+@dataclass(frozen=True)
+class Member:
+    """One trial as users see it: a Ray trial, or one member of a fused Ray trial."""
+
+    trial_id: str  # ``<ray trial id>``, or ``<ray trial id>-<member>`` when fused
+    overrides: dict[str, Any]
+    last: dict[str, Any]  # its latest result (a fused trial reports per member)
+
+
+def fused_points(config: Mapping[str, Any]) -> list[dict[str, Any]] | None:
+    """The members' overrides of a fused Ray trial; None for an ordinary trial."""
+    return (config.get(GRID_POINT) or {}).get(FUSED_MEMBERS)
+
+
+def member_id(trial_id: str, member: int) -> str:
+    return f"{trial_id}-{member}"
+
+
+def trial_members(trial: Any) -> list[Member]:
+    """The trials a Ray trial stands for: itself, or each member of a fused trial, with the
+    member's own latest result (its ``final`` only when it finished; ``failed`` when it
+    diverged alone)."""
+    last = trial.last_result or {}
+    points = fused_points(trial.config)
+    if points is None:
+        return [Member(trial.trial_id, trial_overrides(trial.config), last)]
+    reported = last.get("members") or {}
+    shared = {k: last[k] for k in ("epoch", "epochs") if k in last}
+    return [
+        Member(member_id(trial.trial_id, i), point, {**shared, **reported.get(str(i), {})})
+        for i, point in enumerate(points)
+    ]
 
 
 @dataclass(frozen=True)
@@ -83,26 +120,15 @@ def run_trial(config: dict[str, Any], settings: TrialSettings, data: Any = None)
 
     from bdat_ray.config import ConfigError, from_flat
     from bdat_ray.engine import TrainingDiverged, fit
-    from bdat_ray.tracking import TrialRun
 
     # Ray gives each trial `cpus` cores; torch would otherwise start one thread per core of
     # the machine in every trial and the trials would fight over them.
     torch.set_num_threads(max(1, int(settings.cpus)))
+    if fused_points(config) is not None:
+        return run_fused_trial(config, settings, data)
     context = tune.get_context()
-    flat = trial_overrides(config)
-    if flat.get("device", "auto") == "auto":
-        # Only a GPU Ray assigned to this trial; an unrequested one would be shared unseen.
-        flat["device"] = "cuda" if ray.get_gpu_ids() else "cpu"
-    run = TrialRun.open(
-        settings.tracking,
-        trial_id=context.get_trial_id(),
-        trial_name=context.get_trial_name(),
-        tags={
-            "bdat_ray.trial_dir": f"{settings.results_dir}/{context.get_trial_name()}",
-            "bdat_ray.node_ip": ray.util.get_node_ip_address(),
-            "bdat_ray.node_id": ray.get_runtime_context().get_node_id(),
-        },
-    )
+    flat = _with_device(trial_overrides(config))
+    run = _open_run(settings, context.get_trial_id(), context.get_trial_name())
     if run.final_metrics is not None:
         # Finished and logged before the driver recorded it (a kill in between): report only.
         tune.report({**run.final_metrics, "final": True, "mlflow_run_id": run.run_id})
@@ -151,17 +177,7 @@ def run_trial(config: dict[str, Any], settings: TrialSettings, data: Any = None)
             kind = {TrainingDiverged: "diverged", ConfigError: "bad_config"}.get(type(err))
             run.fail(kind or "error", str(err) if kind else f"{type(err).__name__}: {err}")
             raise
-        final = {
-            "acc": result.acc,
-            "asr": result.asr,
-            "asr_pred": result.asr_pred,
-            "robust_acc": result.robust_acc,
-            "seconds": result.seconds,
-            "gpu_seconds": result.seconds * settings.gpus,
-            "images_per_s": result.images_per_s,
-            "craft_seconds": result.craft_seconds,
-            **result.defense,  # detect_*, removed, clean_fraction, defense_seconds, ...
-        }
+        final = _final_metrics(result, settings)
         run.finish(
             final,
             step=result.epochs,
@@ -172,6 +188,167 @@ def run_trial(config: dict[str, Any], settings: TrialSettings, data: Any = None)
         )
     reported = {k: v for k, v in final.items() if v is not None}
     tune.report({**reported, "epoch": result.epochs, "final": True, "mlflow_run_id": run.run_id})
+
+
+def _with_device(flat: dict[str, Any]) -> dict[str, Any]:
+    if flat.get("device", "auto") == "auto":
+        # Only a GPU Ray assigned to this trial; an unrequested one would be shared unseen.
+        return {**flat, "device": "cuda" if ray.get_gpu_ids() else "cpu"}
+    return flat
+
+
+def _open_run(settings: TrialSettings, trial_id: str, name: str, **tags: str) -> Any:
+    """The trial's MLflow child run (`tracking.TrialRun.open`), tagged with where it runs."""
+    from bdat_ray.tracking import TrialRun
+
+    ray_trial = tune.get_context().get_trial_name()
+    return TrialRun.open(
+        settings.tracking,
+        trial_id=trial_id,
+        trial_name=name,
+        tags={
+            "bdat_ray.trial_dir": f"{settings.results_dir}/{ray_trial}",
+            "bdat_ray.node_ip": ray.util.get_node_ip_address(),
+            "bdat_ray.node_id": ray.get_runtime_context().get_node_id(),
+            **tags,
+        },
+    )
+
+
+def _final_metrics(result: Any, settings: TrialSettings) -> dict[str, Any]:
+    """What a finished trial logs and reports (percent metrics, seconds, defense figures)."""
+    return {
+        "acc": result.acc,
+        "asr": result.asr,
+        "asr_pred": result.asr_pred,
+        "robust_acc": result.robust_acc,
+        "seconds": result.seconds,
+        "gpu_seconds": result.seconds * settings.gpus,
+        "images_per_s": result.images_per_s,
+        "craft_seconds": result.craft_seconds,
+        **result.defense,  # detect_*, removed, clean_fraction, defense_seconds, ...
+    }
+
+
+def run_fused_trial(config: dict[str, Any], settings: TrialSettings, data: Any = None) -> None:
+    """A fused Ray trial (`bdat_ray.fused.fit_fused`): K members trained as one network,
+    each its own trial for the user — its own MLflow child run (trial id
+    ``<ray trial id>-<member>``, tags ``bdat_ray.fused_trial`` / ``fused_member``) with its
+    params, epoch metrics, model and artifacts, and its own entry in every report (Tune
+    results carry ``members``: member -> metrics). A member that diverges fails alone; one
+    fused checkpoint holds every member, so a retry or ``--resume`` restores them all. The
+    system metrics of the shared process go to the first member's run."""
+    from bdat_ray.config import ConfigError, from_flat
+    from bdat_ray.engine import TrainingDiverged
+    from bdat_ray.fused import fit_fused, member_dir
+    from bdat_ray.tracking import TrialFailedBefore
+
+    context = tune.get_context()
+    ray_id, ray_name = context.get_trial_id(), context.get_trial_name()
+    points = [_with_device(p) for p in fused_points(config)]
+    runs: dict[int, Any] = {}  # members whose runs are open (not failed before)
+    for i in range(len(points)):
+        try:
+            runs[i] = _open_run(
+                settings,
+                member_id(ray_id, i),
+                f"{ray_name}-{i}",
+                **{"bdat_ray.fused_trial": ray_id, "bdat_ray.fused_member": str(i)},
+            )
+        except TrialFailedBefore:
+            continue  # diverged in an earlier attempt: it trains on, frozen, unrecorded
+    if not runs:
+        raise TrialFailedBefore("every member of this fused trial failed before")
+    try:
+        cfgs = [from_flat(p) for p in points]
+    except ConfigError as err:
+        for run in runs.values():
+            run.fail("bad_config", str(err))
+        raise
+    epochs = cfgs[0].train.epochs
+    if all(r.final_metrics is not None for r in runs.values()):
+        # Finished and logged before the driver recorded it (a kill in between): report only.
+        members = {
+            str(i): {**r.final_metrics, "final": True, "mlflow_run_id": r.run_id}
+            for i, r in runs.items()
+        }
+        tune.report({"members": members, "final": True, "epoch": epochs})
+        return
+    for i, run in runs.items():
+        run.log_params(cfgs[i].to_flat())
+        run.set_tags({"bdat_ray.config_hash": cfgs[i].hash()})
+    runs[min(runs)].monitor_system()
+    recorded_failures: set[int] = set()
+
+    def record_divergence(diverged: dict[int, TrainingDiverged]) -> None:
+        for i, err in diverged.items():
+            if i in runs and i not in recorded_failures:
+                runs[i].fail("diverged", str(err))
+                recorded_failures.add(i)
+
+    def on_epoch(epoch: int, metrics: dict, diverged: dict, checkpoint_dir: Path) -> None:
+        for i, m in metrics.items():
+            if i in runs:
+                runs[i].log_epoch(m)
+        record_divergence(diverged)
+        (checkpoint_dir / EPOCH_MARKER).write_text(str(epoch))
+        members = {
+            str(i): {**m, "final": False, "mlflow_run_id": runs[i].run_id}
+            for i, m in metrics.items()
+            if i in runs
+        }
+        members |= {str(i): {"failed": True} for i in diverged}
+        tune.report(
+            {"epoch": epoch, "epochs": epochs, "final": False, "members": members},
+            checkpoint=tune.Checkpoint.from_directory(checkpoint_dir),
+        )
+
+    with tempfile.TemporaryDirectory(prefix="bdat_fused_") as tmp:
+        workdir = Path(tmp)
+        resume_from = None
+        if (checkpoint := tune.get_checkpoint()) is not None:
+            resume_from = Path(checkpoint.to_directory(str(workdir / "resume")))
+            epoch = (resume_from / EPOCH_MARKER).read_text()
+            for run in runs.values():
+                run.set_tags({"bdat_ray.resumed_after_epoch": epoch})
+        try:
+            if data is None:
+                from bdat_ray.data import load_dataset
+
+                data = load_dataset(cfgs[0].data)
+            results = fit_fused(
+                cfgs, data=data, workdir=workdir, resume_from=resume_from, on_epoch=on_epoch
+            )
+        except Exception as err:
+            kind = "bad_config" if isinstance(err, ConfigError) else "error"
+            for i, run in runs.items():
+                if i not in recorded_failures:
+                    run.fail(kind, str(err) if kind != "error" else f"{type(err).__name__}: {err}")
+            raise
+        record_divergence({i: r for i, r in enumerate(results) if isinstance(r, TrainingDiverged)})
+        members: dict[str, dict[str, Any]] = {}
+        # The first member's run is the thread's active MLflow run: it ends first, so the
+        # others can each become active in turn to log their model.
+        for i in sorted(runs):
+            result, run = results[i], runs[i]
+            if isinstance(result, TrainingDiverged):
+                members[str(i)] = {"failed": True}
+                continue
+            final = _final_metrics(result, settings)
+            if run.final_metrics is None:
+                run.finish(
+                    final,
+                    step=result.epochs,
+                    model=result.model,
+                    workdir=member_dir(workdir, i),
+                    resolved=result.config,
+                    data=data,
+                )
+            reported = {k: v for k, v in final.items() if v is not None}
+            members[str(i)] = {**reported, "final": True, "mlflow_run_id": run.run_id}
+    if not any(m.get("final") for m in members.values()):
+        raise TrainingDiverged("every member of this fused trial diverged")
+    tune.report({"members": members, "final": True, "epoch": epochs})
 
 
 def trial_name(trial: Any) -> str:
@@ -247,79 +424,103 @@ class SweepProgress(tune.Callback):
         self._exceptions: dict[str, int] = {}  # per trial id: errors raised inside the trial
 
     def _record(self, write: Callable[..., None], trial: Any, *args: str) -> None:
-        """Write a trial's outcome to MLflow, or say why it could not: an unreachable store
-        must not crash the Tune controller (a callback's exception ends the whole sweep)."""
-        try:
-            write(self.tracking, trial.trial_id, *args)
-        except Exception as err:
-            progress.warning(
-                "warning: MLflow at %s did not answer (%s); trial %s's outcome is not recorded "
-                "there — the trials that need it fail, and --resume continues them once it is "
-                "back",
-                redact(self.tracking.uri),
-                redact(str(err).strip().splitlines()[0] if str(err).strip() else repr(err)),
-                trial.trial_id,
-            )
+        """Write a trial's outcome to MLflow (every member's, for a fused trial), or say
+        why it could not: an unreachable store must not crash the Tune controller (a
+        callback's exception ends the whole sweep)."""
+        for member in trial_members(trial):
+            try:
+                write(self.tracking, member.trial_id, *args)
+            except Exception as err:
+                progress.warning(
+                    "warning: MLflow at %s did not answer (%s); trial %s's outcome is not "
+                    "recorded there — the trials that need it fail, and --resume continues "
+                    "them once it is back",
+                    redact(self.tracking.uri),
+                    redact(str(err).strip().splitlines()[0] if str(err).strip() else repr(err)),
+                    member.trial_id,
+                )
+                return
 
-    def _label(self, trials: list, trial: Any) -> str:
+    def _label(self, trials: list, trial: Any, member: str | None = None) -> str:
         # The number in the trial id (``7d032_00003``: Tune counts trials as it creates
         # them), not the trial's place in ``trials``, which changes when Tune retries it.
         number = trial.trial_id.rpartition("_")[2]
         place = int(number) + 1 if number.isdigit() else trials.index(trial) + 1
+        if member is not None:  # a fused trial's member: its pack's number and its id
+            return f"[fused {place}] {member}"
         return f"[{place}/{self.total}] {trial.trial_id}"
 
     def _ended(self, trials: list, trial: Any) -> str:
-        ended = sum(t.status in ("TERMINATED", "ERROR") or t is trial for t in trials)
+        ended = sum(
+            len(trial_members(t))
+            for t in trials
+            if t.status in ("TERMINATED", "ERROR") or t is trial
+        )
         return f"{ended}/{self.total} ended"
+
+    def _members(self, trials: list, trial: Any) -> list[tuple[str, Member]]:
+        fused = fused_points(trial.config) is not None
+        return [
+            (self._label(trials, trial, m.trial_id if fused else None), m)
+            for m in trial_members(trial)
+        ]
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         if trial.num_failures and _error(trial)[0] in DETERMINISTIC_ERRORS:
             return  # a retry that ends at once (see on_trial_recover)
-        what = describe_trial(trial_overrides(trial.config))
-        progress.info(
-            "%s start  %s · %s %s",
-            self._label(trials, trial),
-            what["attack"],
-            what["threat"],
-            what["budgets"],
-        )
+        for label, member in self._members(trials, trial):
+            what = describe_trial(member.overrides)
+            progress.info(
+                "%s start  %s · %s %s", label, what["attack"], what["threat"], what["budgets"]
+            )
 
     def on_trial_result(
         self, iteration: int, trials: list, trial: Any, result: dict, **info: Any
     ) -> None:
         if result.get("final"):
             return
-        progress.info(
-            "%s epoch %d/%d  acc %.1f  asr %.1f  (%.1f s)",
-            self._label(trials, trial),
-            result["epoch"],
-            result["epochs"],
-            result["acc"],
-            result["asr"],
-            result["epoch_seconds"],
-        )
+        reported = result.get("members")
+        for i, (label, _) in enumerate(self._members(trials, trial)):
+            last = result if reported is None else {**result, **reported.get(str(i), {})}
+            if "acc" not in last:
+                continue  # a fused member that diverged
+            progress.info(
+                "%s epoch %d/%d  acc %.1f  asr %.1f  (%.1f s)",
+                label,
+                last["epoch"],
+                last["epochs"],
+                last["acc"],
+                last["asr"],
+                last["epoch_seconds"],
+            )
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        last = trial.last_result or {}
-        if last.get("final"):
+        if not (trial.last_result or {}).get("final"):
+            self._record(mark_trial, trial, "early_stopped")
+            progress.info(
+                "%s stopped early by the scheduler after epoch %s (kept out of the front) — %s",
+                self._label(trials, trial),
+                (trial.last_result or {}).get("epoch", 0),
+                self._ended(trials, trial),
+            )
+            return
+        for label, member in self._members(trials, trial):
+            last = member.last
+            if not last.get("final"):
+                progress.info(
+                    "%s FAILED  diverged (the fused trial's other members went on)", label
+                )
+                continue
             robust = last.get("robust_acc")
             progress.info(
                 "%s done   acc %.1f  asr %.1f  robust_acc %s  (%.0f s)  — %s",
-                self._label(trials, trial),
+                label,
                 last["acc"],
                 last["asr"],
                 "n/a" if robust is None else f"{robust:.1f}",
                 last["seconds"],
                 self._ended(trials, trial),
             )
-            return
-        self._record(mark_trial, trial, "early_stopped")
-        progress.info(
-            "%s stopped early by the scheduler after epoch %s (kept out of the front) — %s",
-            self._label(trials, trial),
-            last.get("epoch", 0),
-            self._ended(trials, trial),
-        )
 
     def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         kind, message = _error(trial)

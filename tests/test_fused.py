@@ -108,3 +108,61 @@ def test_unfusable_members_are_refused_naming_the_key(first, other, key):
     with pytest.raises(ConfigError) as err:
         fit_fused([from_flat(base | first), from_flat(base | other)])
     assert err.value.key == key
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_a_fused_run_resumes_every_member_from_its_checkpoint(tmp_path):
+    """Stopped after epoch 2 of 3 and resumed from the fused checkpoint: every member ends
+    exactly where the uninterrupted fused run ends (weights, history, divergence)."""
+    base = {"train.epochs": 3, "eval.robust_samples": 0, "data.image_size": 8}
+    cfgs = [from_flat({**base, "train.seed": s, "train.lr": lr}) for s, lr in ((0, 0.1), (1, 1e12))]
+    whole = fit_fused(cfgs, workdir=tmp_path / "whole")
+
+    def stop_after_two(epoch, metrics, diverged, checkpoint_dir):
+        if epoch == 2:
+            raise _Stop
+
+    with pytest.raises(_Stop):
+        fit_fused(cfgs, workdir=tmp_path / "cut", on_epoch=stop_after_two)
+    seen = []
+    resumed = fit_fused(
+        cfgs,
+        workdir=tmp_path / "resumed",
+        resume_from=tmp_path / "cut" / "checkpoint",
+        on_epoch=lambda epoch, metrics, diverged, _: seen.append(
+            (epoch, set(metrics), set(diverged))
+        ),
+    )
+    assert seen == [(3, {0}, {1})]  # only the last epoch ran; member 1 stayed diverged
+    assert isinstance(resumed[1], TrainingDiverged) and isinstance(whole[1], TrainingDiverged)
+    mine, theirs = resumed[0].model.state_dict(), whole[0].model.state_dict()
+    assert all(torch.equal(mine[k], theirs[k]) for k in mine)
+    assert [h["acc"] for h in resumed[0].history] == [h["acc"] for h in whole[0].history]
+    assert (tmp_path / "resumed" / "member_0" / "result.json").is_file()
+    assert (tmp_path / "resumed" / "member_1" / "poisoned_indices.npy").is_file()
+    other = [from_flat({**base, "train.seed": 5}), cfgs[1]]
+    with pytest.raises(ConfigError, match="other configs"):
+        fit_fused(other, resume_from=tmp_path / "cut" / "checkpoint")
+
+
+def test_grid_trials_are_packed_by_what_they_must_share():
+    """Compatible runs pack in order, up to K; other threat kinds, architectures or a
+    defense make their own packs (a defense always alone)."""
+    from bdat_ray.fused import pack
+
+    flats = [
+        {"train.seed": 0},
+        {"train.seed": 1, "at.threat": "linf", "at.eps": "4/255"},
+        {"train.seed": 2},
+        {"train.seed": 3, "at.threat": "linf", "at.eps": "16/255"},  # per-member budget
+        {"train.seed": 4, "defense.name": "perfect_filter"},
+        {"train.seed": 5, "train.lr": 0.01},
+        {"train.seed": 6},
+        {"train.seed": 7, "model.width": 2},
+    ]
+    cfgs = [from_flat(f) for f in flats]
+    assert pack(cfgs, 3) == [[0, 2, 5], [1, 3], [4], [6], [7]]
+    assert pack(cfgs, 1) == [[i] for i in range(8)]
