@@ -808,11 +808,12 @@ def trial_rows(
     sweep_dir: str, trials: list[Any] | None = None, *, early_stopping: bool = True
 ) -> tuple[list[dict[str, Any]], list[str]]:
     """One row per trial — per Ray trial, and per member of a fused one (``trials``: the
-    controller's, else the experiment's saved state): outcome, metrics, what it trained (attack, threat model, budgets) and its
-    environment group; and the keys that make the groups. Outcomes: finished (reported
-    ``final``), failed, stopped (early, by the scheduler) and unfinished (an interrupted
-    sweep; a fused member that diverged alone failed). The controller also ends the trials a Ctrl-C leaves behind as TERMINATED: a
-    trial without its final report counts as stopped only where a scheduler could stop it
+    controller's, else the experiment's saved state): outcome, metrics, what it trained
+    (attack, threat model, budgets) and its environment group; and the keys that make the
+    groups. Outcomes: finished (reported ``final``), failed (a fused member that diverged
+    alone too), stopped (early, by the scheduler) and unfinished (an interrupted sweep).
+    The controller also ends the trials a Ctrl-C leaves behind as TERMINATED: a trial
+    without its final report counts as stopped only where a scheduler could stop it
     (``early_stopping``) and it reported an epoch."""
     from ray.tune import ExperimentAnalysis
 
