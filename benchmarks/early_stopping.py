@@ -204,7 +204,10 @@ def draw(curves: dict[str, list[tuple[int, float]]], path: Path, title: str) -> 
     ax = fig.subplots()
     for label, points in curves.items():
         epochs, volumes = zip(*[(0, 0.0), *points], strict=True)
-        style = {"linewidth": 2.4} if label == "to completion" else {"linewidth": 1.6}
+        # The two real runs bold; the replays thin and dashed (several coincide).
+        real = label == "to completion" or "Ray" in label
+        style = {"linewidth": 2.6, "color": "black" if label == "to completion" else "C1"}
+        style = style if real else {"linewidth": 1.0, "linestyle": "--", "alpha": 0.8}
         ax.step(epochs, volumes, where="post", label=label, **style)
     ax.set_xlabel("trial-epochs spent (sum over trials of the epochs each trained)")
     ax.set_ylabel("hypervolume of the finished trials\n(acc ↑, asr ↓; normalised)")
