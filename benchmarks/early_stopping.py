@@ -25,6 +25,7 @@ import argparse
 import json
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +48,7 @@ def parser() -> argparse.ArgumentParser:
         metavar="GRACE:FACTOR",
         help="also replay MO-ASHA with these grace periods and reduction factors (e.g. 3:3)",
     )
+    p.add_argument("--plot", type=Path, help="draw hypervolume against trial-epochs into this PNG")
     return p
 
 
@@ -117,9 +119,18 @@ def run_sweep(space: Path, name: str, storage: Path) -> list[dict[str, Any]]:
                 ),
                 "acc": float(final["acc"].iloc[-1]) if len(final) else None,
                 "asr": float(final["asr"].iloc[-1]) if len(final) else None,
+                # Ray's own columns: when the trial's last result came, and its run time.
+                "started": float((rows["timestamp"] - rows["time_total_s"]).min()),
+                "ended": float(rows["timestamp"].max()),
             }
         )
     return trials
+
+
+def wall_span(trials: list[dict[str, Any]]) -> float:
+    """Seconds from the first trial's start to the last trial's last result (Ray start-up and
+    the sweep's summary excluded)."""
+    return max(t["ended"] for t in trials) - min(t["started"] for t in trials)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -182,6 +193,31 @@ def curve(records: list[dict[str, Any]]) -> list[tuple[int, float]]:
     return out
 
 
+def draw(curves: dict[str, list[tuple[int, float]]], path: Path, title: str) -> None:
+    """Hypervolume against trial-epochs spent, one step line per run (matplotlib's object API,
+    as `analysis.plots`)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7.5, 4.2), dpi=110, layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    for label, points in curves.items():
+        epochs, volumes = zip(*[(0, 0.0), *points], strict=True)
+        # The two real runs bold; the replays thin and dashed (several coincide).
+        real = label == "to completion" or "Ray" in label
+        style = {"linewidth": 2.6, "color": "black" if label == "to completion" else "C1"}
+        style = style if real else {"linewidth": 1.0, "linestyle": "--", "alpha": 0.8}
+        ax.step(epochs, volumes, where="post", label=label, **style)
+    ax.set_xlabel("trial-epochs spent (sum over trials of the epochs each trained)")
+    ax.set_ylabel("hypervolume of the finished trials\n(acc ↑, asr ↓; normalised)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     from bdat_ray.search_space import load_space
@@ -210,18 +246,27 @@ def main(argv: list[str] | None = None) -> int:
         results[label] = mo_asha_replay(full, grace, factor, total)
     curves = {label: curve(records) for label, records in results.items()}
     full_epochs, full_hv = curves["to completion"][-1]
-    print("\n| run | trials finished / stopped | trial-epochs | share | final HV | HV vs full |")
-    print("|---|---|---|---|---|---|")
+    print("\n| run | trials finished / stopped | stopped at epoch (trials) | trial-epochs | share "
+          "| final HV | HV vs full |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|")
     for label, records in results.items():
         epochs, volume = curves[label][-1]
         done = sum(r["finished"] for r in records)
+        at = Counter(r["epochs"] for r in records if not r["finished"])
+        where = ", ".join(f"{e} ({n})" for e, n in sorted(at.items())) or "-"
         print(
-            f"| {label} | {done} / {len(records) - done} | {epochs} | "
+            f"| {label} | {done} / {len(records) - done} | {where} | {epochs} | "
             f"{epochs / full_epochs:.0%} | {volume:.4f} | {volume / full_hv - 1:+.2%} |"
         )
     for label, points in curves.items():
         shown = ", ".join(f"{e}: {v:.4f}" for e, v in points)
         print(f"\n{label} — hypervolume after each trial (trial-epochs: HV): {shown}")
+    if args.ray:
+        print(f"\nwall-clock, first trial start to last result: to completion "
+              f"{wall_span(full):.0f} s, MO-ASHA {wall_span(real):.0f} s")  # fmt: skip
+    if args.plot:
+        draw(curves, args.plot, f"{args.space.name}: {len(full)} trials × {total} epochs")
+        print(f"\nfigure: {args.plot}")
     return 0
 
 
