@@ -172,9 +172,10 @@ def parser() -> argparse.ArgumentParser:
 def compile_rows(prep, pgd_steps: int, iters: int, warmup: int, rounds: int) -> dict:
     """Per step kind: images/s of the engine's step eager and compiled (`engine.compile_model`,
     the same settings a run uses), each on its own copy of the initial weights, timed in
-    alternating rounds (median) so that load from other work hits both alike. The warm-up
-    covers a whole epoch, so every graph a run compiles (the short last batch too) is built
-    before timing; its seconds, eager and compiled, are reported beside the rates."""
+    alternating rounds (median) so that load from other work hits both alike. Where the timed
+    steps reach the epoch's short last batch, the warm-up covers a whole epoch, so every graph
+    they use is built before timing; the warm-up's seconds, eager and compiled (their
+    difference is the compiling), are reported beside the rates."""
     import statistics
 
     from torch._dynamo.utils import counters
@@ -182,7 +183,9 @@ def compile_rows(prep, pgd_steps: int, iters: int, warmup: int, rounds: int) -> 
     from bdat_ray.engine import compile_model
 
     n, batch = len(prep.poisoned.data.y_train), prep.cfg.train.batch_size
-    warmup = max(warmup, -(-n // batch) + 1)  # ceil(n / batch): one full epoch, plus one
+    per_epoch = -(-n // batch)
+    if n % batch and warmup + rounds * iters >= per_epoch:
+        warmup = max(warmup, per_epoch)  # the timed steps reach the short last batch: warm it
     rows = {}
     for kind, adversarial in (("clean", False), (f"pgd{pgd_steps}_at", True)):
         graphs_before = counters["stats"]["unique_graphs"]
