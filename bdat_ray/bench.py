@@ -2,6 +2,7 @@
 
     python -m bdat_ray.bench                                       # digits + small CNN
     python -m bdat_ray.bench data.name=npz data.path=cifar10-subset.npz model.name=preact_resnet18
+    python -m bdat_ray.bench --compile                             # ours eager vs torch.compile
 
 Measures, on the configured device and data, a clean training step and a PGD-k adversarial
 training step, each done two ways:
@@ -11,7 +12,8 @@ training step, each done two ways:
 - **naive**: a torch DataLoader over per-sample torchvision transforms on PIL images, fp32,
   and attack steps that call ``loss.backward()`` and so also build weight gradients.
 
-Prints both and their ratio, then one JSON line.
+Prints both and their ratio, then one JSON line. ``--compile`` instead puts the engine's step
+eager beside the same step under ``train.compile=on`` (and ``--fused`` times fused trials).
 """
 
 from __future__ import annotations
@@ -46,15 +48,18 @@ def _rate(step: Callable[[], int], iters: int, warmup: int, device: torch.device
     return images / (time.perf_counter() - t0)
 
 
-def ours(prep, pgd_steps: int, adversarial: bool) -> Callable[[], int]:
-    """One step of the engine's real training loop (`train_epoch` body)."""
+def ours(
+    prep, pgd_steps: int, adversarial: bool, model: torch.nn.Module | None = None
+) -> Callable[[], int]:
+    """One step of the engine's real training loop (`train_epoch` body) on ``model`` (default
+    the prepared one; `compile_rows` hands in a compiled copy)."""
     from bdat_ray.data.augment import augment, shuffled_batches, to_float
     from bdat_ray.engine import make_optimizer
     from bdat_ray.threats import THREATS
     from bdat_ray.threats.objective import AdversarialTraining, StandardTraining
 
     cfg = prep.cfg
-    model = prep.model
+    model = model if model is not None else prep.model
     optimizer, _ = make_optimizer(model, cfg)
     threat = THREATS["linf"](8 / 255, pgd_steps, 2 / 255, random_start=True)
     objective = AdversarialTraining([(threat, 1.0)]) if adversarial else StandardTraining()
@@ -152,7 +157,77 @@ def parser() -> argparse.ArgumentParser:
         help="instead: trials/hour of K whole runs (train.seed 0..K-1) fused into one network "
         "vs the same K runs one after another, for each K (e.g. 1,2,4,8)",
     )
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="instead: the engine's step eager vs under torch.compile (train.compile=on), "
+        "alternating --rounds times, with the seconds the compiled warm-up took",
+    )
+    p.add_argument(
+        "--rounds", type=int, default=3, help="--compile: alternating timings of each (median)"
+    )
     return p
+
+
+def compile_rows(prep, pgd_steps: int, iters: int, warmup: int, rounds: int) -> dict:
+    """Per step kind: images/s of the engine's step eager and compiled (`engine.compile_model`,
+    the same settings a run uses), each on its own copy of the initial weights, timed in
+    alternating rounds (median) so that load from other work hits both alike. Where the timed
+    steps reach the epoch's short last batch, the warm-up covers a whole epoch, so every graph
+    they use is built before timing; the warm-up's seconds, eager and compiled (their
+    difference is the compiling), are reported beside the rates."""
+    import statistics
+
+    from torch._dynamo.utils import counters
+
+    from bdat_ray.engine import compile_model
+
+    n, batch = len(prep.poisoned.data.y_train), prep.cfg.train.batch_size
+    per_epoch = -(-n // batch)
+    if n % batch and warmup + rounds * iters >= per_epoch:
+        warmup = max(warmup, per_epoch)  # the timed steps reach the short last batch: warm it
+    rows = {}
+    for kind, adversarial in (("clean", False), (f"pgd{pgd_steps}_at", True)):
+        graphs_before = counters["stats"]["unique_graphs"]
+        steps, warm_s = {}, {}
+        for variant in ("eager", "compiled"):
+            model = copy.deepcopy(prep.model)
+            model = compile_model(model) if variant == "compiled" else model
+            steps[variant] = ours(prep, pgd_steps, adversarial, model)
+            t0 = time.perf_counter()
+            for _ in range(warmup):
+                steps[variant]()
+            _sync(prep.device)
+            warm_s[variant] = time.perf_counter() - t0
+        rates = {v: [] for v in steps}
+        for _ in range(rounds):
+            for variant, step in steps.items():
+                rates[variant].append(_rate(step, iters, 0, prep.device))
+        eager, compiled = (statistics.median(rates[v]) for v in ("eager", "compiled"))
+        rows[kind] = {
+            "eager": eager,
+            "compiled": compiled,
+            "speedup": compiled / eager,
+            "eager_rounds": rates["eager"],
+            "compiled_rounds": rates["compiled"],
+            "warmup_steps": warmup,
+            "eager_warmup_s": warm_s["eager"],
+            "compiled_warmup_s": warm_s["compiled"],
+            "graphs": counters["stats"]["unique_graphs"] - graphs_before,
+        }
+    print(
+        f"{'step':<12}{'eager img/s':>13}{'compiled img/s':>16}{'ratio':>8}"
+        f"{'warm-up s eager / compiled':>30}{'graphs':>8}",
+        file=sys.stderr,
+    )
+    for kind, r in rows.items():
+        warm = f"{r['eager_warmup_s']:.1f} / {r['compiled_warmup_s']:.1f}"
+        print(
+            f"{kind:<12}{r['eager']:>13.1f}{r['compiled']:>16.1f}{r['speedup']:>7.2f}x"
+            f"{warm:>30}{r['graphs']:>8}",
+            file=sys.stderr,
+        )
+    return rows
 
 
 def fused_rows(cfg, members: list[int]) -> list[dict[str, float]]:
@@ -206,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from bdat_ray.engine import prepare
 
-    prep = prepare(cfg)
+    prep = prepare(cfg.replace({"train.compile": "off"}) if args.compile else cfg)
     fresh_model = copy.deepcopy(prep.model).to(memory_format=torch.contiguous_format)
     dev = prep.device
     name = (
@@ -214,6 +289,24 @@ def main(argv: list[str] | None = None) -> int:
         if dev.type == "cuda"
         else f"CPU ({torch.get_num_threads()} threads)"
     )
+    c = prep.cfg
+    description = (
+        f"device: {name}; data {c.data.name} {tuple(prep.poisoned.data.image_shape)}, "
+        f"model {c.model.name}, batch {c.train.batch_size}, amp {c.train.amp}, "
+        f"{args.iters} timed steps"
+    )
+    summary = {
+        "device": name,
+        "data": c.data.name,
+        "model": c.model.name,
+        "batch_size": c.train.batch_size,
+        "amp": c.train.amp,
+    }
+    if args.compile:
+        print(f"{description} x {args.rounds} alternating rounds", file=sys.stderr)
+        compiled = compile_rows(prep, args.pgd_steps, args.iters, args.warmup, args.rounds)
+        print(json.dumps({**summary, "compile": compiled}))
+        return 0
     timing = {"warmup": args.warmup, "iters": args.iters, "device": dev}
     rows = {
         "clean": (
@@ -225,22 +318,11 @@ def main(argv: list[str] | None = None) -> int:
             _rate(naive(prep, fresh_model, args.pgd_steps, True, args.naive_workers), **timing),
         ),
     }
-    c = prep.cfg
-    print(
-        f"device: {name}; data {c.data.name} {tuple(prep.poisoned.data.image_shape)}, "
-        f"model {c.model.name}, batch {c.train.batch_size}, amp {c.train.amp}, "
-        f"{args.iters} timed steps",
-        file=sys.stderr,
-    )
+    print(description, file=sys.stderr)
     print(f"{'step':<12}{'ours img/s':>14}{'naive img/s':>14}{'speed-up':>10}", file=sys.stderr)
     for step, (fast, slow) in rows.items():
         print(f"{step:<12}{fast:>14.1f}{slow:>14.1f}{fast / slow:>9.2f}x", file=sys.stderr)
-    summary = {
-        "device": name,
-        "data": c.data.name,
-        "model": c.model.name,
-        "batch_size": c.train.batch_size,
-        "amp": c.train.amp,
+    summary |= {
         **{f"{s}_ours": f for s, (f, _) in rows.items()},
         **{f"{s}_naive": n for s, (_, n) in rows.items()},
         **{f"{s}_speedup": f / n for s, (f, n) in rows.items()},

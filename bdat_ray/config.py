@@ -134,6 +134,16 @@ class TrainConfig:
     amp: str = option(
         "auto", "autocast dtype: auto = bf16 on CUDA, off on CPU", choices=("auto", "bf16", "off")
     )
+    compile: str = option(
+        "auto",
+        "torch.compile (inductor, static shapes) of the model's forward/backward in the training "
+        "step and the attack steps; evaluation, checkpoints and the logged model stay uncompiled. "
+        "auto = off: on the 2-core CPU the compiled PGD-10 AT step is 0.85x as fast after ~26 s "
+        "of compiling (BENCHMARKS.md); on CUDA it is unmeasured; on = compile (needs a C++ "
+        "compiler on CPU, Triton on CUDA; not with defenses that change the step: abl, dpsgd, "
+        "lipschitz)",
+        choices=("auto", "on", "off"),
+    )
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
@@ -70,6 +71,54 @@ def resolve_device(name: str) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError("device", f"{name} requested but no CUDA device is available")
     return torch.device(name)
+
+
+#: What ``train.compile=auto`` resolves to per device type. CPU: measured on the project's
+#: 2-core machine (BENCHMARKS.md, "torch.compile of the training and attack step"): the
+#: compiled PGD-10 AT step runs at 0.85x (the clean step 1.24x) after ~26 s of compiling. CUDA:
+#: unmeasured (no GPU was lent), so off until `python -m bdat_ray.bench --compile` says it pays.
+COMPILE_AUTO = {"cpu": False, "cuda": False}
+
+
+def compiler_problem(device: torch.device) -> str | None:
+    """Why inductor cannot build kernels for ``device`` here (None: it can): a C++ compiler on
+    CPU (inductor's own search of ``torch._inductor.config.cpp.cxx``), Triton on CUDA."""
+    if device.type == "cuda":
+        from torch.utils._triton import has_triton
+
+        return None if has_triton() else "needs Triton for CUDA kernels and it is not installed"
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler
+
+        get_cpp_compiler()
+    except ImportError:  # a torch without this private helper: look for the usual compiler
+        if shutil.which(os.environ.get("CXX", "g++")) is None:
+            return "needs a C++ compiler for CPU kernels and none was found ($CXX, g++)"
+    except Exception:  # torch._inductor.exc.InvalidCxxCompiler: none of the candidates runs
+        return "needs a C++ compiler for CPU kernels and none was found ($CXX, g++)"
+    return None
+
+
+def resolve_compile(cfg: Config, device: torch.device) -> bool:
+    """Whether ``train.compile`` compiles this run's training and attack steps; raises
+    `ConfigError` before any training when ``on`` cannot work on this machine."""
+    if cfg.train.compile == "auto":
+        changes_step = DEFENSES[cfg.defense.name].changes_training_step()
+        return COMPILE_AUTO.get(device.type, False) and not changes_step
+    if cfg.train.compile == "off":
+        return False
+    problem = compiler_problem(device)
+    if problem is not None:
+        raise ConfigError("train.compile", f"on {problem}; use train.compile=off")
+    return True
+
+
+def compile_model(model: nn.Module) -> nn.Module:
+    """``model`` under torch.compile for the step; it shares ``model``'s parameters and
+    buffers, so checkpoints and evaluation keep using ``model`` itself. Static shapes: the
+    short last batch of an epoch is one more graph per mode, compiled once (train/eval
+    BatchNorm, frozen weights in the attack, frozen statistics each add one too)."""
+    return torch.compile(model, dynamic=False)
 
 
 def build_threat(component: Component, cfg: Config, *, random_start: bool) -> ThreatModel:
@@ -133,6 +182,12 @@ class Prepared:
     #: the poisoned data before a filter defense removed images (None: nothing removed)
     unfiltered: PoisonedData | None = None
     defense_seconds: float = 0.0  # the defense's own work outside the training epochs
+    compiled: nn.Module | None = None  # `model` under torch.compile (train.compile=on)
+
+    @property
+    def step_model(self) -> nn.Module:
+        """What the training and attack steps call: the compiled model, else ``model``."""
+        return self.compiled if self.compiled is not None else self.model
 
 
 def prepare(cfg: Config, data: ImageData | None = None) -> Prepared:
@@ -141,6 +196,7 @@ def prepare(cfg: Config, data: ImageData | None = None) -> Prepared:
     Raises `ConfigError` for input that cannot work with this dataset (target class, trigger
     size, class counts) before any training."""
     device = resolve_device(cfg.device)
+    compiled = resolve_compile(cfg, device)
     data = data if data is not None else load_dataset(cfg.data)
     backdoor = BACKDOORS[cfg.attack.name](cfg.attack, poison_context(cfg, device))
     craft_started = time.perf_counter()
@@ -173,6 +229,7 @@ def prepare(cfg: Config, data: ImageData | None = None) -> Prepared:
     resolved: dict[str, Any] = {
         "device": str(device),
         "train.amp": amp,
+        "train.compile": "on" if compiled else "off",
         "train.augment": resolve_augment(cfg.train.augment, data.channels),
         **backdoor.resolved_keys(),
         **_resolved_threat_keys(cfg, objective),
@@ -194,6 +251,7 @@ def prepare(cfg: Config, data: ImageData | None = None) -> Prepared:
         unfiltered=unfiltered,
         defense_seconds=filter_seconds,
         craft_seconds=craft_seconds,
+        compiled=compile_model(model) if compiled else None,
     )
 
 
@@ -474,7 +532,7 @@ def train_epoch(
             augment(images, prep.augment_mode, generators["data"], prep.cfg.train.crop_padding),
             prep.channels_last,
         )
-        out = objective.batch_loss(model, x, y, generators["attack"], prep.amp_dtype)
+        out = objective.batch_loss(prep.step_model, x, y, generators["attack"], prep.amp_dtype)
         optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
         optimizer.step()
@@ -521,7 +579,7 @@ def clean_batch_stats(
             x.device.type, prep.amp_dtype or torch.float32, enabled=prep.amp_dtype is not None
         ),
     ):
-        logits = prep.model(x).float()
+        logits = prep.step_model(x).float()
     loss = torch.nn.functional.cross_entropy(logits, y, reduction="sum")
     return loss, (logits.argmax(1) == y).sum()
 

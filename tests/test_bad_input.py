@@ -84,6 +84,16 @@ CASES = [
     Case("run-eval-eps-inf", "run", ["eval.eps=1e999"], "eval.eps"),
     Case("run-seed-beyond-int64", "run", ["train.seed=99999999999999999999999"], "train.seed"),
     Case("run-seed-2^40", "run", ["train.seed=1099511627776"], "train.seed"),
+    Case("run-compile-unknown", "run", ["train.compile=max-autotune"], "train.compile"),
+    Case(
+        "run-compile-lipschitz",
+        "run",
+        ["train.compile=on", "defense.name=lipschitz"],
+        "train.compile",
+    ),
+    Case(
+        "sweep-compile-dpsgd", "sweep", ["train.compile=on", "defense.name=dpsgd"], "train.compile"
+    ),
     Case("run-attack-seed-negative", "run", ["attack.seed=-1"], "attack.seed"),
     Case("run-batch-beyond-int64", "run", ["train.batch_size=99999999999999999999"], "batch_size"),
     Case("run-epochs-true", "run", ["train.epochs=true"], "train.epochs"),

@@ -97,8 +97,24 @@ class Defense:
         return cls.section is not None and issubclass(cls.section, CleanDataSection)
 
     @classmethod
+    def changes_training_step(cls) -> bool:
+        """Whether the defense replaces the step's objective or optimiser (ABL's LGA loss, the
+        Lipschitz penalty's double backward, DPSGD's per-sample gradient hooks): steps that
+        ``train.compile`` does not compile (AOTAutograd has no double backward; Opacus' hooks
+        are untested under Dynamo)."""
+        return cls.objective is not Defense.objective or cls.wrap_optimizer is not (
+            Defense.wrap_optimizer
+        )
+
+    @classmethod
     def check_config(cls, cfg: Config) -> None:
         """Cross-key checks before any data is loaded; raise `ConfigError`."""
+        if cfg.train.compile == "on" and cls.changes_training_step():
+            raise ConfigError(
+                "train.compile",
+                f"on cannot compile the training step of defense.name={cls.name}, which "
+                "changes its objective or optimiser; use train.compile=off or auto",
+            )
         if cls.stage == "filter" and cfg.attack.name == "none":
             raise ConfigError(
                 "defense.name",
