@@ -15,7 +15,7 @@ A space file is plain YAML — nothing in it is evaluated. Its sections::
     objectives: {acc: max, asr: min}   # default; metrics: acc asr robust_acc seconds ...
     num_samples: 24              # Optuna: trials; grid: repeats (train.seed + r)
     max_concurrent: 2            # trials in flight at once (default: grid no limit, Optuna 4)
-    fuse: 4                      # grid: train up to 4 compatible trials as one network
+    fuse: 4                      # up to 4 trials as one network (grid: compatible ones)
     resources: {cpu: 1, gpu: 0.25}   # per trial; fractional GPUs share one device
     early_stopping: {metric: acc, mode: max, grace_period: 2, reduction_factor: 3}  # ASHA
     # early_stopping: {method: mo_asha, grace_period: 3, reduction_factor: 3}  # on objectives
@@ -229,8 +229,8 @@ class SearchSpace:
     objectives: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_OBJECTIVES))
     num_samples: int | None = None
     max_concurrent: int | None = None
-    #: Grid trials trained as one fused network (`bdat_ray.fused`), at most this many per
-    #: Ray trial; 1 trains each trial on its own.
+    #: Trials trained as one fused network (`bdat_ray.fused`), at most this many per Ray
+    #: trial (grid: compatible trials; Optuna: points asked together); 1: each on its own.
     fuse: int = 1
     cpus: float = 1.0
     gpus: float = 0.0
@@ -814,11 +814,6 @@ def _check_size(space: SearchSpace, where: str) -> None:
 
 def _check_settings(space: SearchSpace, where: str) -> None:
     _check_size(space, where)
-    if space.fuse > 1 and space.mode != GRID:
-        raise ConfigError(
-            f"{where}: fuse",
-            "packs grid trials; an Optuna search asks for one point at a time (use fuse: 1)",
-        )
     if space.fuse > 1 and space.early_stopping is not None:
         raise ConfigError(
             f"{where}: fuse",

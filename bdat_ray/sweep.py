@@ -21,6 +21,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -100,8 +101,9 @@ def parser() -> argparse.ArgumentParser:
         "--fuse",
         type=int,
         metavar="K",
-        help="grid: train up to K compatible trials as one fused network per Ray trial "
-        "(bdat_ray.fused; each stays its own trial in MLflow and the reports)",
+        help="train up to K trials as one fused network per Ray trial (bdat_ray.fused): "
+        "grid trials that are compatible, or K Optuna points at a time; each stays its own "
+        "trial in MLflow, the study and the reports",
     )
     p.add_argument(
         "--mlflow-uri",
@@ -155,7 +157,12 @@ def plan_text(space: SearchSpace, name: str) -> str:
         f"resources  {space.cpus:g} CPU + {space.gpus:g} GPU per {per}; "
         + (f"at most {limit} at once" if limit else "as many at once as resources allow"),
     ]
-    if space.fuse > 1:
+    if space.fuse > 1 and space.mode != GRID:
+        lines.append(
+            f"fusion     {space.fuse} study trials per network: {count} trials in "
+            f"{ray_trial_count(space)} Ray trials, each asking Optuna for {space.fuse} points"
+        )
+    elif space.fuse > 1:
         packs = fused_packs(space)
         fused = [p for p in packs if len(p) > 1]
         lines.append(
@@ -226,6 +233,38 @@ def fused_packs(space: SearchSpace) -> list[list[int]]:
     from bdat_ray.fused import pack
 
     return pack([from_flat(p) for p in space.grid_points()], space.fuse)
+
+
+def ray_trial_count(space: SearchSpace) -> int:
+    """Ray trials of an Optuna search: ``fuse`` study trials each (the last one the rest)."""
+    return math.ceil(space.samples / space.fuse)
+
+
+def check_optuna_fusion(space: SearchSpace) -> None:
+    """Refuse (`ConfigError`) an Optuna space with ``fuse`` > 1 whose points could not share
+    one fused network: every dimension is tried at each of its choices (or both ends of its
+    range) on the space's first point, and must keep `fused.fusion_key` and stay fusable —
+    seeds, learning rates, poison rates and per-sample budgets may vary; threat kinds,
+    steps, models, epochs or defenses may not."""
+    from bdat_ray.fused import fusion_key, unfusable_reason
+
+    for branch in space.branches():
+        base = {**branch.fixed}
+        for dim in branch.dimensions:
+            base.setdefault(dim.key, dim.values[0] if dim.discrete else dim.low)
+        reason = unfusable_reason(from_flat(base))
+        if reason is not None:
+            raise ConfigError(f"{space.path}: fuse", f"{reason[0]}: {reason[1]}")
+        key = fusion_key(from_flat(base))
+        for dim in branch.dimensions:
+            for value in dim.values if dim.discrete else (dim.low, dim.high):
+                cfg = from_flat({**base, dim.key: value})
+                if unfusable_reason(cfg) is not None or fusion_key(cfg) != key:
+                    raise ConfigError(
+                        f"{space.path}: dimensions.{dim.key}",
+                        "fused members share one network and must agree on it; search it "
+                        "with fuse: 1, or pin it and fuse what remains",
+                    )
 
 
 def grid_trials(space: SearchSpace) -> list[dict[str, Any]]:
@@ -366,7 +405,12 @@ def _start_ray() -> None:
 def _build_tuner(space: SearchSpace, record: dict[str, Any], trainable: Any, callback: Any):
     from ray import tune
 
-    from bdat_ray.trainable import GRID_POINT, FinalOnlyOptunaSearch, trial_name
+    from bdat_ray.trainable import (
+        GRID_POINT,
+        FinalOnlyOptunaSearch,
+        FusedOptunaSearch,
+        trial_name,
+    )
 
     searcher = scheduler = None
     param_space: dict[str, Any] = {}
@@ -378,8 +422,14 @@ def _build_tuner(space: SearchSpace, record: dict[str, Any], trainable: Any, cal
         from bdat_ray.samplers import build_sampler
         from bdat_ray.search_space import OptunaSpace
 
+        fused = {"members": space.fuse, "trials": space.samples} if space.fuse > 1 else {}
+        if fused:
+            # A fused trial reports acc/asr per member (``members/<i>/acc``), never at the top
+            # where Tune's check looks for the searcher's metrics; FusedOptunaSearch reads them.
+            os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
         searcher = ConcurrencyLimiter(
-            FinalOnlyOptunaSearch(
+            (FusedOptunaSearch if fused else FinalOnlyOptunaSearch)(
+                **fused,
                 space=OptunaSpace(space),
                 metric=list(space.objectives),
                 mode=list(space.objectives.values()),
@@ -411,7 +461,7 @@ def _build_tuner(space: SearchSpace, record: dict[str, Any], trainable: Any, cal
         tune_config=tune.TuneConfig(
             search_alg=searcher,
             scheduler=scheduler,
-            num_samples=1 if space.mode == GRID else space.samples,
+            num_samples=1 if space.mode == GRID else ray_trial_count(space),
             max_concurrent_trials=space.concurrency if space.mode == GRID else None,
             trial_name_creator=trial_name,
             trial_dirname_creator=trial_name,
@@ -449,6 +499,8 @@ def _new_sweep(args: argparse.Namespace, storage: str) -> tuple[SearchSpace, dic
         gpus=args.gpus_per_trial,
         fuse=args.fuse,
     )
+    if space.fuse > 1 and space.mode != GRID:
+        check_optuna_fusion(space)
     name = _check_name(space.name if args.name is None else args.name)
     record = {
         "name": name,

@@ -38,7 +38,8 @@ progress = logging.getLogger("bdat_ray.progress")
 #: resumed trial can say where it continued without loading the whole state.
 EPOCH_MARKER = "epoch.txt"
 #: Grid spaces put each trial's overrides under this key of the Tune config (one grid value
-#: per trial, so conditional dimensions can be expanded ahead of time).
+#: per trial, so conditional dimensions can be expanded ahead of time); fused Optuna trials
+#: put their members there (`FusedOptunaSearch`).
 GRID_POINT = "grid_point"
 #: A fused Ray trial (``--fuse K``) holds its members' overrides under this key of its grid
 #: point; each member is a trial everywhere else (`trial_members`).
@@ -384,6 +385,45 @@ class FinalOnlyOptunaSearch(OptunaSearch):
                 violation = constraint.violation(result.get(constraint.metric))
                 self._ot_trials[trial_id].set_constraint(constraint.describe(), violation)
         super().on_trial_complete(trial_id, result=result, error=error)
+
+
+class FusedOptunaSearch(FinalOnlyOptunaSearch):
+    """``fuse: K`` with Optuna: each Ray trial asks the study for K points (Optuna's ask
+    interface, one study trial per member, linked by ``ray_trial_id`` = the member's trial
+    id) and trains them as one fused network; each member's final result is told to its own
+    study trial, a member that diverged is told FAIL. ``trials`` study trials in all: the last
+    Ray trial asks for what is left. Members differ only in what may vary inside a fused
+    network (checked before the sweep starts, `sweep.check_optuna_fusion`)."""
+
+    def __init__(self, *args: Any, members: int, trials: int, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.members, self.trials = members, trials
+        self.asked: dict[str, int] = {}  # Ray trial -> its members (saved with the searcher)
+
+    def suggest(self, trial_id: str) -> dict[str, Any] | None:
+        count = min(self.members, self.trials - sum(self.asked.values()))
+        if count <= 0:
+            return None
+        self.asked[trial_id] = count
+        ask = super().suggest  # (a bare super() inside a comprehension binds the wrong self)
+        points = [ask(member_id(trial_id, i)) for i in range(count)]
+        return {GRID_POINT: {FUSED_MEMBERS: points}}
+
+    def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
+        """Nothing: a fused trial's members report together (and fuse forbids schedulers)."""
+
+    def on_trial_complete(
+        self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False
+    ) -> None:
+        result = result or {}
+        for i in range(self.asked.get(trial_id, 0)):
+            # Tune hands searchers the flattened result: ``members/<i>/acc`` …
+            prefix = f"members/{i}/"
+            own = {k[len(prefix) :]: v for k, v in result.items() if k.startswith(prefix)}
+            finished = bool(own.get("final"))  # otherwise it diverged, or the trial failed
+            super().on_trial_complete(
+                member_id(trial_id, i), result=own if finished else None, error=not finished
+            )
 
 
 #: Errors a retry would only repeat; their retries end at once (`tracking.TrialRun.open`).

@@ -63,6 +63,42 @@ def test_a_fused_sweep_keeps_every_member_its_own_trial(tmp_path, digits):
     assert finished[0] != finished[1]  # two trainings, not one model logged twice
 
 
+def test_an_optuna_search_asks_k_points_per_fused_trial(tmp_path):
+    """fuse: 2 with Optuna: 4 study trials in 2 Ray trials, each member its own COMPLETE
+    study trial linked to its own MLflow child run, told that run's final metrics; the
+    members of one Ray trial are different points (their own learning rates)."""
+    import optuna
+
+    from bdat_ray.sweep import optuna_storage
+    from tests.test_sweep import sweep_dir
+
+    space = space_file(
+        tmp_path,
+        "dimensions:\n  train.lr: {loguniform: [0.01, 0.2]}\n"
+        "  at.linf.eps: {uniform: [0.01, 0.1]}\n"
+        "fixed: {at.threat: linf, at.steps: 2}\nnum_samples: 4\nfuse: 2\nseed: 5\n",
+        "fusedopt",
+    )
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    proc = run_cli(["--space", str(space), "--mlflow-uri", uri, "--storage", "out"], tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "4 trials in 2 Ray trials, each asking Optuna for 2 points" in proc.stdout
+    directory = sweep_dir(tmp_path / "out")
+    study = optuna.load_study(
+        study_name=directory.name, storage=optuna_storage(str(directory / "optuna.journal"))
+    )
+    assert [t.state.name for t in study.trials] == ["COMPLETE"] * 4
+    _, _, children = mlflow_runs(uri, "fusedopt")
+    by_trial = {c.data.tags["bdat_ray.trial_id"]: c for c in children}
+    assert len(by_trial) == 4 and len({c.data.tags["bdat_ray.fused_trial"] for c in children}) == 2
+    for trial in study.trials:
+        child = by_trial[trial.user_attrs["ray_trial_id"]]
+        assert child.data.tags["bdat_ray.outcome"] == "finished"
+        assert float(child.data.params["train.lr"]) == pytest.approx(trial.params["train.lr"])
+        assert trial.values == pytest.approx([child.data.metrics["acc"], child.data.metrics["asr"]])
+    assert len({t.params["train.lr"] for t in study.trials}) == 4
+
+
 def test_a_killed_fused_trial_resumes_every_member(tmp_path):
     """SIGKILL the process of a fused trial of two members in mid-training: Ray retries it
     from the fused checkpoint, and both members go on from there — no epoch lost or

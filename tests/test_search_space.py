@@ -238,10 +238,22 @@ BAD_SPACES = [
     ("resources: {cpu: 0}", "resources.cpu", "> 0"),
     ("max_concurrent: 0", "max_concurrent", "≥ 1"),
     ("fuse: 0", "fuse", "≥ 1"),
+    (  # Optuna points fused into one network may not differ in the threat kind ...
+        "dimensions: {at.threat: {choice: [none, linf]}}\nnum_samples: 4\nfuse: 2",
+        "dimensions.at.threat",
+        "share one network",
+    ),
+    (  # ... nor in PGD's steps, and defenses are never fused
+        "dimensions: {train.lr: {uniform: [0.01, 0.1]}, at.steps: {int: [1, 10]}}\n"
+        "fixed: {at.threat: linf}\nnum_samples: 4\nfuse: 2",
+        "dimensions.at.steps",
+        "share one network",
+    ),
     (
-        "dimensions: {train.lr: {uniform: [0.01, 0.1]}}\nnum_samples: 4\nfuse: 2",
+        "dimensions: {train.lr: {uniform: [0.01, 0.1]}}\nfixed: {defense.name: nad}\n"
+        "num_samples: 4\nfuse: 2",
         "fuse",
-        "one point at a time",
+        "defense.name",
     ),
     ("fuse: 2\nearly_stopping: {metric: acc, grace_period: 1}", "fuse", "stops whole Ray trials"),
     ("searcher: tpe", "searcher", "unknown section"),
