@@ -89,6 +89,8 @@ def unfusable_reason(cfg: Config) -> tuple[str, str] | None:
         return "train.optimizer", "fused members train with SGD (MemberSGD)"
     if cfg.defense.name != "none":
         return "defense.name", "defenses are not fused; run them as single trials"
+    if cfg.train.compile == "on":  # fit_fused's grouped step has no torch.compile path
+        return "train.compile", "fused networks are not compiled; compile=on trials run alone"
     if cfg.at.mix == "random" and cfg.at.threat in ("composite", "cat"):
         return "at.mix", "mix=random draws one threat per batch and member: not fused"
     attack = BACKDOORS[cfg.attack.name](cfg.attack, poison_context(cfg, torch.device("cpu")))

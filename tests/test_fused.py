@@ -150,7 +150,7 @@ def test_a_fused_run_resumes_every_member_from_its_checkpoint(tmp_path):
 
 def test_grid_trials_are_packed_by_what_they_must_share():
     """Compatible runs pack in order, up to K; other threat kinds, architectures or a
-    defense make their own packs (a defense always alone)."""
+    defense make their own packs (a defense, or train.compile=on, always alone)."""
     from bdat_ray.fused import pack
 
     flats = [
@@ -162,7 +162,8 @@ def test_grid_trials_are_packed_by_what_they_must_share():
         {"train.seed": 5, "train.lr": 0.01},
         {"train.seed": 6},
         {"train.seed": 7, "model.width": 2},
+        {"train.seed": 8, "train.compile": "on"},  # compiled trials train alone
     ]
     cfgs = [from_flat(f) for f in flats]
-    assert pack(cfgs, 3) == [[0, 2, 5], [1, 3], [4], [6], [7]]
-    assert pack(cfgs, 1) == [[i] for i in range(8)]
+    assert pack(cfgs, 3) == [[0, 2, 5], [1, 3], [4], [6], [7], [8]]
+    assert pack(cfgs, 1) == [[i] for i in range(9)]
