@@ -241,10 +241,10 @@ class NeuralCleanse(Defense):
         model.eval()
         for p in model.parameters():
             p.requires_grad_(False)
-        masks, patterns, self.norms, self.steps = reverse_triggers(
+        masks, patterns, norms, self.steps = reverse_triggers(
             model, clean, self.ctx.num_classes, self.cfg, self.ctx.generator(10)
         )
-        self.norms = self.norms.cpu()
+        self.norms = norms.cpu()
         for p in model.parameters():
             p.requires_grad_(True)
         self.anomaly = anomaly_indices(self.norms)
