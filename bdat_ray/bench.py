@@ -8,7 +8,7 @@ Measures, on the configured device and data, a clean training step and a PGD-k a
 training step, each done two ways:
 
 - **ours**: the engine's own step — uint8 data resident on the device, batched crop/flip,
-  bf16 autocast and channels_last on CUDA, weights frozen during attack steps;
+  channels_last, bf16 autocast on CUDA, weights frozen during attack steps;
 - **naive**: a torch DataLoader over per-sample torchvision transforms on PIL images, fp32,
   and attack steps that call ``loss.backward()`` and so also build weight gradients.
 

@@ -236,14 +236,16 @@ class MemberSGD:
             if p.grad is None:
                 continue
             weights = member_view(p, self.k)
-            grad = member_view(p.grad, self.k) + self.weight_decay * weights
-            grad = torch.where(self.active, grad, 0.0)
+            per_member = (self.k,) + (1,) * (weights.dim() - 1)  # broadcast a (K, 1) column
+            active = self.active.view(per_member)
+            grad = member_view(p.grad, self.k) + self.weight_decay.view(per_member) * weights
+            grad = torch.where(active, grad, 0.0)
             buf = self.buffers[i]
             if buf is None:
                 buf = self.buffers[i] = grad.clone()
             else:
-                buf.mul_(self.momentum).add_(grad)
-            weights.sub_(torch.where(self.active, self.lr * buf, 0.0))
+                buf.mul_(self.momentum.view(per_member)).add_(grad)
+            weights.sub_(torch.where(active, self.lr.view(per_member) * buf, 0.0))
 
 
 def _lr_schedules(preps: Sequence[Prepared]) -> list[list[float]]:

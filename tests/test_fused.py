@@ -79,7 +79,10 @@ def test_fused_adversarial_training_keeps_each_members_budget():
     for cfg, member in zip(cfgs, fit_fused(cfgs), strict=True):
         alone = fit(cfg).model.state_dict()
         mine = member.model.state_dict()
-        assert max((mine[k].float() - alone[k].float()).abs().max() for k in mine) < 1e-3
+        # Float reordering (grouped vs dense channels_last convolutions, amplified by PGD's
+        # sign step) measured 2.0e-3 at most; the other member's budget would move the
+        # weights by 1.5e-2 (measured), so 5e-3 tells the two apart.
+        assert max((mine[k].float() - alone[k].float()).abs().max() for k in mine) < 5e-3
 
 
 def test_a_diverging_member_fails_alone():

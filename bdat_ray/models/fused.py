@@ -246,8 +246,10 @@ def _copy_member(fused: nn.Module, target: nn.Module, k: int, n: int) -> None:
 
 
 def member_view(tensor: torch.Tensor, members: int) -> torch.Tensor:
-    """``tensor`` (a fused parameter, its gradient or optimiser state) as (K, rest)."""
-    return tensor.view(members, -1)
+    """``tensor`` (a fused parameter, its gradient or optimiser state) as ``(K, ...)``, a view:
+    only the leading axis is split, so channels_last weights (whose other axes are not
+    contiguous in logical order) split as well as contiguous ones."""
+    return tensor.view(members, tensor.shape[0] // members, *tensor.shape[1:])
 
 
 def members_loss(logits: torch.Tensor, y: torch.Tensor, members: int) -> torch.Tensor:
