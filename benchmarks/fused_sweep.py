@@ -65,7 +65,10 @@ def run_sweep(space: Path, fuse: int, workdir: Path, overrides: list[str]) -> di
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    cli = parser()
+    args = cli.parse_args(argv)
+    if not args.space.is_file():  # before any sweep starts: exit 2 with one line
+        cli.error(f"--space: no such space file: {args.space}")
     rows = [run_sweep(args.space, k, args.workdir, args.overrides) for k in args.fuse]
     base = rows[0]["trials_per_h"]
     print(f"space {args.space}\n")

@@ -1,0 +1,80 @@
+"""channels_last against contiguous on this device: ``python -m benchmarks.memory_format``
+
+The engine trains in channels_last on every device (`bdat_ray.engine.prepare`). This times,
+for each model of the registry at its usual image shape, one training step's forward and
+backward (cross-entropy, batch ``--batch``) with model and images in each memory format, in
+alternating rounds so that a change of load hits both alike, and prints milliseconds per
+step (the median over rounds) as Markdown. One thread by default: what each Ray trial of a
+CPU sweep gets (``resources: {cpu: 1}``).
+
+    python -m benchmarks.memory_format                  # every model, 1 thread
+    python -m benchmarks.memory_format --threads 2 --models small_cnn resnet32
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from bdat_ray.models import MODELS, build_model
+
+#: The image shape each model is trained on in this project (channels, side).
+SHAPES = {
+    "small_cnn": (1, 16),  # digits at 16x16 (the quickstart)
+    "madry_mnist_cnn": (1, 28),
+    "madry_resnet32": (3, 32),
+    "preact_resnet18": (3, 32),
+    "resnet18": (3, 32),
+    "resnet32": (3, 32),
+}
+FORMATS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
+
+
+def step_ms(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, iters: int) -> float:
+    start = time.perf_counter()
+    for _ in range(iters):
+        model.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+    return 1000 * (time.perf_counter() - start) / iters
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.memory_format", description=__doc__)
+    p.add_argument("--models", nargs="+", default=list(SHAPES), choices=sorted(MODELS))
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--iters", type=int, default=3, help="timed steps per round")
+    p.add_argument("--rounds", type=int, default=3)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    print(f"{args.threads} thread(s), batch {args.batch}, median of {args.rounds} rounds\n")
+    print("| model | image | contiguous ms | channels_last ms | speed-up |")
+    print("|---|---|---|---|---|")
+    for name in args.models:
+        channels, side = SHAPES[name]
+        torch.manual_seed(0)
+        x = torch.rand(args.batch, channels, side, side)
+        y = torch.randint(0, 10, (args.batch,))
+        model = build_model(name, num_classes=10, in_channels=channels).train()
+        times: dict[str, list[float]] = {f: [] for f in FORMATS}
+        for _ in range(args.rounds):
+            for label, memory_format in FORMATS.items():
+                model = model.to(memory_format=memory_format)
+                images = x.contiguous(memory_format=memory_format)
+                step_ms(model, images, y, 1)  # warm-up: oneDNN picks its kernels
+                times[label].append(step_ms(model, images, y, args.iters))
+        plain, last = (statistics.median(times[f]) for f in FORMATS)
+        print(
+            f"| {name} | {channels}×{side}×{side} | {plain:.0f} | {last:.0f} | "
+            f"{plain / last:.2f}× |",
+            flush=True,
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
