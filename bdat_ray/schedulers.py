@@ -71,7 +71,12 @@ class MultiObjectiveASHA(FIFOScheduler):
         if mo_rung_keeps(list(here.values()), self.objectives, self.reduction_factor):
             return TrialScheduler.CONTINUE
         self.stopped += 1
-        log.info("MO-ASHA stops %s at epoch %d of %d at the rung", trial.trial_id, epoch, len(here))
+        log.info(
+            "MO-ASHA stops %s at the epoch-%d rung (%d trials there)",
+            trial.trial_id,
+            rung,
+            len(here),
+        )
         return TrialScheduler.STOP
 
     def debug_string(self) -> str:

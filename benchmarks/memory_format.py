@@ -9,13 +9,20 @@ CPU sweep gets (``resources: {cpu: 1}``).
 
     python -m benchmarks.memory_format                  # every model, 1 thread
     python -m benchmarks.memory_format --threads 2 --models small_cnn resnet32
+    python -m benchmarks.memory_format --fit at.threat=linf at.linf.eps=16/255 train.epochs=4
+
+``--fit KEY=VALUE ...`` instead times whole `engine.fit` runs of that config (defaults as
+the run CLI), alternating the engine as it is with the engine switched back to contiguous
+tensors (model and batches; `contiguous_engine`), ``--rounds`` times each.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import time
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +49,56 @@ def step_ms(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, iters: int
     return 1000 * (time.perf_counter() - start) / iters
 
 
+@contextlib.contextmanager
+def contiguous_engine() -> Iterator[None]:
+    """The engine as it was before channels_last on CPU: `Module.to` ignores a requested
+    memory format and batches are made contiguous (`to_float`, where the engine imports it)."""
+    import bdat_ray.data.augment as augment_module
+    import bdat_ray.engine as engine
+    import bdat_ray.metrics as metrics
+
+    module_to, to_float = torch.nn.Module.to, augment_module.to_float
+
+    def plain_to(self, *args, **kwargs):
+        kwargs.pop("memory_format", None)
+        return module_to(self, *args, **kwargs)
+
+    def plain_to_float(x, channels_last):
+        return to_float(x, False)
+
+    torch.nn.Module.to = plain_to
+    for module in (augment_module, engine, metrics):
+        module.to_float = plain_to_float
+    try:
+        yield
+    finally:
+        torch.nn.Module.to = module_to
+        for module in (augment_module, engine, metrics):
+            module.to_float = to_float
+
+
+def time_fits(overrides: list[str], rounds: int) -> None:
+    from bdat_ray.config import build_config
+    from bdat_ray.data import load_dataset
+    from bdat_ray.engine import fit
+
+    cfg = build_config(None, overrides)
+    data = load_dataset(cfg.data)
+    seconds: dict[str, list[float]] = {f: [] for f in FORMATS}
+    for _ in range(rounds):
+        for label in FORMATS:
+            with contiguous_engine() if label == "contiguous" else contextlib.nullcontext():
+                start = time.perf_counter()
+                fit(cfg, data=data)
+                seconds[label].append(time.perf_counter() - start)
+    plain, last = (statistics.median(seconds[f]) for f in FORMATS)
+    print(f"engine.fit {' '.join(overrides)}: median of {rounds} rounds\n")
+    print("| contiguous s | channels_last s | speed-up | rounds contiguous / channels_last |")
+    print("|---|---|---|---|")
+    rows = " / ".join(", ".join(f"{t:.1f}" for t in seconds[f]) for f in FORMATS)
+    print(f"| {plain:.1f} | {last:.1f} | {plain / last:.2f}× | {rows} |")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.memory_format", description=__doc__)
     p.add_argument("--models", nargs="+", default=list(SHAPES), choices=sorted(MODELS))
@@ -49,8 +106,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--iters", type=int, default=3, help="timed steps per round")
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--fit", nargs="+", metavar="KEY=VALUE", help="time engine.fit runs instead")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.fit:
+        time_fits(args.fit, args.rounds)
+        return 0
     print(f"{args.threads} thread(s), batch {args.batch}, median of {args.rounds} rounds\n")
     print("| model | image | contiguous ms | channels_last ms | speed-up |")
     print("|---|---|---|---|---|")
