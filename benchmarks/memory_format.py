@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import statistics
 import time
 from collections.abc import Iterator
@@ -27,6 +28,7 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 
+from bdat_ray.cli import main_guard
 from bdat_ray.models import MODELS, build_model
 
 #: The image shape each model is trained on in this project (channels, side).
@@ -38,6 +40,8 @@ SHAPES = {
     "resnet18": (3, 32),
     "resnet32": (3, 32),
 }
+#: The largest batch timed: 8192 CIFAR-sized images are 100 MB of input alone.
+MAX_BATCH = 8192
 FORMATS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
 
 
@@ -99,15 +103,31 @@ def time_fits(overrides: list[str], rounds: int) -> None:
     print(f"| {plain:.1f} | {last:.1f} | {plain / last:.2f}× | {rows} |")
 
 
+def positive(text: str) -> int:
+    """An argparse type: an integer ≥ 1 (argparse exits 2 with one line otherwise)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"takes an integer >= 1; got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"takes an integer >= 1; got {text}")
+    return value
+
+
+@main_guard
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.memory_format", description=__doc__)
     p.add_argument("--models", nargs="+", default=list(SHAPES), choices=sorted(MODELS))
-    p.add_argument("--batch", type=int, default=128)
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--iters", type=int, default=3, help="timed steps per round")
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--batch", type=positive, default=128)
+    p.add_argument("--threads", type=positive, default=1)
+    p.add_argument("--iters", type=positive, default=3, help="timed steps per round")
+    p.add_argument("--rounds", type=positive, default=3)
     p.add_argument("--fit", nargs="+", metavar="KEY=VALUE", help="time engine.fit runs instead")
     args = p.parse_args(argv)
+    if args.batch > MAX_BATCH:  # before any tensor is allocated
+        p.error(f"--batch: at most {MAX_BATCH} images a step; got {args.batch}")
+    if args.threads > (os.cpu_count() or 1):
+        p.error(f"--threads: at most this machine's {os.cpu_count()} cores; got {args.threads}")
     torch.set_num_threads(args.threads)
     if args.fit:
         time_fits(args.fit, args.rounds)
