@@ -49,6 +49,9 @@ def run_sweep(space: Path, fuse: int, workdir: Path, overrides: list[str]) -> di
     wall = time.perf_counter() - start
     (where / "stdout.txt").write_text(proc.stdout)
     (where / "stderr.txt").write_text(proc.stderr)
+    if proc.returncode == 2:  # the sweep refused its input: pass its one line on, exit 2
+        sys.stderr.write(proc.stderr.strip().splitlines()[-1] + "\n")
+        sys.exit(2)
     ended = re.search(r"(\d+) finished of (\d+) trials; this run took (\d+) s", proc.stdout)
     if proc.returncode != 0 or not ended or ended[1] != ended[2]:
         sys.exit(f"fuse {fuse}: the sweep did not finish every trial; see {where}/stdout.txt")
