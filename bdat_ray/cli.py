@@ -31,6 +31,17 @@ class Parser(argparse.ArgumentParser):
         fail(f"{message} (see --help)")
 
 
+def positive(text: str) -> int:
+    """An argparse type: an integer ≥ 1 (argparse exits 2 with one line otherwise)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"takes an integer >= 1; got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"takes an integer >= 1; got {text}")
+    return value
+
+
 def keys_epilog() -> str:
     return (
         "configuration keys (KEY=VALUE; numbers may be fractions like 8/255):\n" + describe_keys()

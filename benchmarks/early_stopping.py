@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from analysis.fronts import dominated_volume, normalised_point
+from bdat_ray.cli import positive
 
 HERE = Path(__file__).resolve().parent
 GOALS = {"acc": "max", "asr": "min"}
@@ -48,6 +49,9 @@ def parser() -> argparse.ArgumentParser:
         metavar="GRACE:FACTOR",
         help="also replay MO-ASHA with these grace periods and reduction factors (e.g. 3:3)",
     )
+    p.add_argument(
+        "--jobs", type=positive, default=1, help="in process: trainings at once (one thread each)"
+    )
     p.add_argument("--plot", type=Path, help="draw hypervolume against trial-epochs into this PNG")
     return p
 
@@ -56,8 +60,9 @@ def parser() -> argparse.ArgumentParser:
 # A trial: its epoch results (epoch, acc, asr) and its final acc/asr.
 
 
-def train_in_process(space_path: Path, out: Path) -> list[dict[str, Any]]:
-    """Every grid point trained to completion with `engine.fit`, in grid order."""
+def train_one(space_path: Path, index: int) -> dict[str, Any]:
+    """Grid point ``index`` of the space trained to completion with `engine.fit` on one
+    thread, with its epoch results."""
     import torch
 
     from bdat_ray.config import from_flat
@@ -66,29 +71,44 @@ def train_in_process(space_path: Path, out: Path) -> list[dict[str, Any]]:
     from bdat_ray.search_space import load_space
 
     torch.set_num_threads(1)
-    space = load_space(space_path)
-    points = space.grid_points()
+    point = load_space(space_path).grid_points()[index]
+    config = from_flat({**point, "device": "cpu"})
+    epochs: list[dict[str, float]] = []
+
+    def record(metrics: dict[str, float], _checkpoint: Any) -> None:
+        epochs.append({k: metrics[k] for k in ("epoch", "acc", "asr", "epoch_seconds")})
+
+    result = fit(config, data=load_dataset(config.data), on_epoch=record)
+    trial = {"trial": f"{index:05d}", "point": repr(point), "epochs": epochs}
+    return trial | {"acc": result.acc, "asr": result.asr, "seconds": result.seconds}
+
+
+def train_in_process(space_path: Path, out: Path, jobs: int) -> list[dict[str, Any]]:
+    """Every grid point trained to completion, ``jobs`` at a time (each trial is
+    deterministic on one thread, so the order they train in changes nothing), returned in
+    grid order — the order the one-at-a-time sweep runs them in."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    from bdat_ray.search_space import load_space
+
+    total = len(load_space(space_path).grid_points())
     done = [json.loads(t) for t in out.read_text().splitlines()] if out.is_file() else []
-    data_keys = {k: v for k, v in points[0].items() if k.startswith("data.")}
-    data = load_dataset(from_flat(data_keys).data)
-    for index in range(len(done), len(points)):
-        epochs: list[dict[str, float]] = []
-
-        def record(metrics: dict[str, float], _checkpoint: Any, into: list = epochs) -> None:
-            into.append({k: metrics[k] for k in ("epoch", "acc", "asr", "epoch_seconds")})
-
-        result = fit(from_flat({**points[index], "device": "cpu"}), data=data, on_epoch=record)
-        trial = {"trial": f"{index:05d}", "point": repr(points[index]), "epochs": epochs}
-        trial |= {"acc": result.acc, "asr": result.asr, "seconds": result.seconds}
-        with out.open("a") as f:
-            f.write(json.dumps(trial) + "\n")
-        done.append(trial)
-        print(
-            f"trial {index + 1}/{len(points)}: acc {result.acc:.1f} asr {result.asr:.1f} "
-            f"({result.seconds:.0f} s)",
-            flush=True,
-        )
-    return done
+    todo = sorted(set(range(total)) - {int(t["trial"]) for t in done})
+    context = multiprocessing.get_context("spawn")  # torch and fork do not mix
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
+        running = [pool.submit(train_one, space_path, index) for index in todo]
+        for future in as_completed(running):
+            trial = future.result()
+            with out.open("a") as f:
+                f.write(json.dumps(trial) + "\n")
+            done.append(trial)
+            print(
+                f"trial {trial['trial']} ({len(done)}/{total} done): acc {trial['acc']:.1f} "
+                f"asr {trial['asr']:.1f} ({trial['seconds']:.0f} s)",
+                flush=True,
+            )
+    return sorted(done, key=lambda t: int(t["trial"]))
 
 
 def _sweep_dir(storage: Path, name: str) -> Path | None:
@@ -180,6 +200,21 @@ def mo_asha_replay(
     return runs
 
 
+def rank_agreement(trials: list[dict[str, Any]], total: int) -> list[tuple[int, float, float]]:
+    """(epoch, Kendall's tau-b of acc, of asr) between the trials' results at that epoch and
+    their final results: how well a rung at that epoch ranks the trials as they end (1: the
+    same order; 0: no relation; nan: every trial had the same value)."""
+    from scipy.stats import kendalltau
+
+    finals = {goal: [t[goal] for t in trials] for goal in GOALS}
+    rows = []
+    for epoch in range(1, total + 1):
+        at = [next(e for e in t["epochs"] if int(e["epoch"]) == epoch) for t in trials]
+        tau = {goal: kendalltau([e[goal] for e in at], finals[goal]).statistic for goal in GOALS}
+        rows.append((epoch, tau["acc"], tau["asr"]))
+    return rows
+
+
 def curve(records: list[dict[str, Any]]) -> list[tuple[int, float]]:
     """(trial-epochs spent so far, hypervolume of the finished trials so far) per trial end."""
     spent, points, out = 0, [], []
@@ -237,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
         real = run_sweep(args.space, "es_mo_asha", args.storage)
         results = {"to completion": as_run(full, total), "MO-ASHA (Ray sweep)": as_run(real, total)}
     else:
-        full = train_in_process(args.space, args.out)
+        full = train_in_process(args.space, args.out, args.jobs)
         results = {"to completion": as_run(full, total)}
     rules = [(rule.grace_period, rule.reduction_factor)]
     rules += [(int(g), float(f)) for g, f in (text.split(":") for text in args.rules)]
@@ -261,6 +296,10 @@ def main(argv: list[str] | None = None) -> int:
     for label, points in curves.items():
         shown = ", ".join(f"{e}: {v:.4f}" for e, v in points)
         print(f"\n{label} — hypervolume after each trial (trial-epochs: HV): {shown}")
+    print("\nHow well each epoch ranks the trials as they end (Kendall's tau-b, full run):")
+    print("\n| epoch | acc | asr |\n|---|---|---|")
+    for epoch, tau_acc, tau_asr in rank_agreement(full, total):
+        print(f"| {epoch} | {tau_acc:.2f} | {tau_asr:.2f} |")
     if args.ray:
         print(f"\nwall-clock, first trial start to last result: to completion "
               f"{wall_span(full):.0f} s, MO-ASHA {wall_span(real):.0f} s")  # fmt: skip

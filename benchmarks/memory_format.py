@@ -28,7 +28,7 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 
-from bdat_ray.cli import main_guard
+from bdat_ray.cli import main_guard, positive
 from bdat_ray.models import MODELS, build_model
 
 #: The image shape each model is trained on in this project (channels, side).
@@ -101,17 +101,6 @@ def time_fits(overrides: list[str], rounds: int) -> None:
     print("|---|---|---|---|")
     rows = " / ".join(", ".join(f"{t:.1f}" for t in seconds[f]) for f in FORMATS)
     print(f"| {plain:.1f} | {last:.1f} | {plain / last:.2f}× | {rows} |")
-
-
-def positive(text: str) -> int:
-    """An argparse type: an integer ≥ 1 (argparse exits 2 with one line otherwise)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"takes an integer >= 1; got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"takes an integer >= 1; got {text}")
-    return value
 
 
 @main_guard
