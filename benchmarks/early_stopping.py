@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 from collections import Counter
@@ -254,7 +255,10 @@ def draw(curves: dict[str, list[tuple[int, float]]], path: Path, title: str) -> 
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    p = parser()
+    args = p.parse_args(argv)
+    if args.jobs > (os.cpu_count() or 1):
+        p.error(f"--jobs: at most this machine's {os.cpu_count()} cores; got {args.jobs}")
     from bdat_ray.search_space import load_space
 
     space = load_space(args.space)
