@@ -28,7 +28,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from bdat_ray.cli import config_parser, main_guard
+from bdat_ray.cli import config_parser, integer_at_least, main_guard, positive
 from bdat_ray.config import ConfigError, build_config
 
 
@@ -147,10 +147,14 @@ def naive(prep, model, pgd_steps: int, adversarial: bool, workers: int) -> Calla
 
 def parser() -> argparse.ArgumentParser:
     p = config_parser("python -m bdat_ray.bench", __doc__.split("\n\n")[0])
-    p.add_argument("--iters", type=int, default=20, help="timed steps per measurement")
-    p.add_argument("--warmup", type=int, default=5, help="untimed steps before timing")
-    p.add_argument("--pgd-steps", type=int, default=10, help="k of the PGD-k AT step")
-    p.add_argument("--naive-workers", type=int, default=2, help="DataLoader workers (naive)")
+    p.add_argument("--iters", type=positive, default=20, help="timed steps per measurement")
+    p.add_argument(
+        "--warmup", type=integer_at_least(0), default=5, help="untimed steps before timing"
+    )
+    p.add_argument("--pgd-steps", type=positive, default=10, help="k of the PGD-k AT step")
+    p.add_argument(
+        "--naive-workers", type=integer_at_least(0), default=2, help="DataLoader workers (naive)"
+    )
     p.add_argument(
         "--fused",
         metavar="K,K,...",
@@ -164,7 +168,7 @@ def parser() -> argparse.ArgumentParser:
         "alternating --rounds times, with the seconds the compiled warm-up took",
     )
     p.add_argument(
-        "--rounds", type=int, default=3, help="--compile: alternating timings of each (median)"
+        "--rounds", type=positive, default=3, help="--compile: alternating timings of each (median)"
     )
     return p
 

@@ -31,15 +31,22 @@ class Parser(argparse.ArgumentParser):
         fail(f"{message} (see --help)")
 
 
-def positive(text: str) -> int:
-    """An argparse type: an integer ≥ 1 (argparse exits 2 with one line otherwise)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"takes an integer >= 1; got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"takes an integer >= 1; got {text}")
-    return value
+def integer_at_least(low: int) -> Callable[[str], int]:
+    """An argparse type: an integer ≥ ``low`` (argparse exits 2 with one line otherwise)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"takes an integer >= {low}; got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"takes an integer >= {low}; got {text}")
+        return value
+
+    return parse
+
+
+positive = integer_at_least(1)
 
 
 def keys_epilog() -> str:

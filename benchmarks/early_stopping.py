@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -31,10 +32,25 @@ from pathlib import Path
 from typing import Any
 
 from analysis.fronts import dominated_volume, normalised_point
-from bdat_ray.cli import positive
+from bdat_ray.cli import main_guard, positive
 
 HERE = Path(__file__).resolve().parent
 GOALS = {"acc": "max", "asr": "min"}
+
+
+def rung_rule(text: str) -> tuple[int, float]:
+    """An argparse type: ``GRACE:FACTOR``, the grace period in epochs (an integer ≥ 1) and the
+    reduction factor (> 1), the rule `bdat_ray.search_space` applies to a space's rungs."""
+    grace, _, factor = text.partition(":")
+    try:
+        rule = int(grace), float(factor)
+    except ValueError:
+        rule = None
+    if rule is None or rule[0] < 1 or not 1 < rule[1] < math.inf:
+        raise argparse.ArgumentTypeError(
+            f"takes GRACE:FACTOR, an integer >= 1 and a number > 1 (e.g. 3:3); got {text!r}"
+        )
+    return rule
 
 
 def parser() -> argparse.ArgumentParser:
@@ -46,6 +62,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--rules",
         nargs="+",
+        type=rung_rule,
         default=[],
         metavar="GRACE:FACTOR",
         help="also replay MO-ASHA with these grace periods and reduction factors (e.g. 3:3)",
@@ -254,6 +271,7 @@ def draw(curves: dict[str, list[tuple[int, float]]], path: Path, title: str) -> 
     fig.savefig(path)
 
 
+@main_guard
 def main(argv: list[str] | None = None) -> int:
     p = parser()
     args = p.parse_args(argv)
@@ -279,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
         full = train_in_process(args.space, args.out, args.jobs)
         results = {"to completion": as_run(full, total)}
     rules = [(rule.grace_period, rule.reduction_factor)]
-    rules += [(int(g), float(f)) for g, f in (text.split(":") for text in args.rules)]
+    rules += args.rules
     for grace, factor in rules:
         label = f"MO-ASHA grace {grace}, factor {factor:g}"
         results[label] = mo_asha_replay(full, grace, factor, total)

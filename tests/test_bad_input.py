@@ -28,6 +28,7 @@ COMMANDS = {
     "table": "bdat_ray.table",
     "gallery": "bdat_ray.gallery",
     "report": "analysis.report",
+    "bench": "bdat_ray.bench",
 }
 TINY = "fixed: {train.epochs: 1, eval.robust_samples: 0}\n"
 GRID = TINY + "dimensions:\n  at.threat: {grid: [none, linf]}\n"
@@ -683,6 +684,11 @@ CASES = [
     ),
     Case("report-sweep-path", "report", ["--sweep", "../x"], "--sweep"),
     Case("run-target-out-of-range", "run", ["attack.target=12"], "attack.target"),
+    Case("bench-iters-zero", "bench", ["--iters", "0"], "--iters"),
+    Case("bench-warmup-negative", "bench", ["--warmup", "-1"], "--warmup"),
+    Case("bench-pgd-steps-zero", "bench", ["--pgd-steps", "0"], "--pgd-steps"),
+    Case("bench-rounds-not-a-number", "bench", ["--compile", "--rounds", "x"], "--rounds"),
+    Case("bench-config-key", "bench", ["train.lr=nan"], "train.lr"),
 ]
 
 

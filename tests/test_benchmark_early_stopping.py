@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from benchmarks.early_stopping import rank_agreement, train_in_process
+from benchmarks.early_stopping import main, rank_agreement, train_in_process
 
 SPACE = """
 fixed:
@@ -56,3 +56,20 @@ def test_trainings_in_parallel_equal_the_same_trainings_one_at_a_time(tmp_path):
         ]
     # A rerun trains nothing more: every trial is read back from the file.
     assert train_in_process(space, tmp_path / "together.jsonl", jobs=2) == together
+
+
+@pytest.mark.parametrize(
+    ("argv", "says"),
+    [
+        (["--space", "no-such-space.yaml"], "--space: no such file"),
+        (["--rules", "3:1"], "--rules: takes GRACE:FACTOR"),
+        (["--rules", "0:3"], "--rules: takes GRACE:FACTOR"),
+        (["--rules", "three"], "--rules: takes GRACE:FACTOR"),
+        (["--jobs", "0"], "--jobs: takes an integer >= 1"),
+    ],
+)
+def test_bad_input_exits_2_with_the_argument_named(argv, says, capsys):
+    with pytest.raises(SystemExit) as exited:
+        main(argv)
+    assert exited.value.code == 2
+    assert says in capsys.readouterr().err
